@@ -1,0 +1,18 @@
+# Top-k softmax MoE on Shakespeare: 8 experts, 2 active per token, every block MoE.
+# Hardware: 2 CPU cores, about 8 minutes (python train.py config/topk.py).
+# Same active parameters per token as configs/dense.py, so the two compare at equal compute.
+out_dir = 'out-topk'
+eval_interval = 100
+eval_iters = 10
+max_iters = 300
+batch_size = 16
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+ffn_hidden = 256  # per expert; K * ffn_hidden = the dense config's 512
+moe_every = 1
+n_expert = 8
+top_k = 2
+router = 'topk'
+aux_loss_coef = 0.01

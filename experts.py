@@ -1,0 +1,220 @@
+"""
+Expert weights and the backends that run them: the consumer side of the one contract
+
+    moe_ffn(x[N, D], gates[N, E], w_in, w_out) -> y[N, D],   y_n = sum_e gates[n, e] * FFN_e(x_n)
+
+Shape legend, used in every comment below:
+    N tokens (B*T flattened), E experts, K active experts per token, D model width (n_embd),
+    H expert hidden size, M = number of active (token, expert) pairs = count of non-zeros in gates,
+    M_e = the pairs of expert e. The grouped-matmul helpers are generic: [M, Q] @ [E, Q, P] -> [M, P].
+
+gates is dense with zeros for inactive experts. A row may hold any number of non-zeros (top-k: K,
+ReLU routing: anything from 0 to E), so M is data-dependent. An expert is never computed for a token
+whose gate is zero, so the gradient of a zero gate is exactly 0: zero means "not selected".
+
+Backends (all compute the same function, selected by the expert_impl string):
+    loop:    one matmul per expert over the tokens it was given. The readable reference.
+    grouped: sort the pairs by expert, one F.grouped_mm per weight, weighted scatter-add back.
+             Wrapped as torch.library custom ops so torch.compile(fullgraph=True) sees no
+             data-dependent shapes.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+EXPERT_IMPLS = ('loop', 'grouped', 'auto')
+
+
+def swiglu(h):
+    """[..., 2H] -> [..., H]: first half is the gate projection, second half the up projection."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def resolve_impl(impl: str, device_type: str) -> str:
+    """Turn the expert_impl config string into the backend that runs on device_type."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert_impl={impl!r} is not one of {', '.join(EXPERT_IMPLS)}")
+    if impl == 'auto':
+        # grouped everywhere for now; CUDA will prefer 'triton' once kernels.py exists
+        return 'grouped'
+    return impl
+
+# -----------------------------------------------------------------------------
+# loop: the reference
+
+
+def _loop_ffn(x, gates, w_in, w_out):
+    """One gather -> FFN -> weighted scatter per expert; plain autograd does the backward.
+    Eager only: nonzero() gives each expert a data-dependent token count, which
+    torch.compile(fullgraph=True) cannot trace. Use 'grouped' under compile."""
+    y = torch.zeros_like(x)                                  # [N, D]
+    for e in range(gates.size(1)):
+        token = gates[:, e].nonzero().squeeze(1)             # [M_e] tokens routed to expert e
+        h = x[token] @ w_in[e]                               # [M_e, 2H]
+        o = swiglu(h) @ w_out[e]                             # [M_e, D]
+        # gathering only the active gates is what makes an inactive gate's gradient exactly 0
+        y.index_add_(0, token, (gates[token, e, None] * o).to(y.dtype))
+    return y
+
+# -----------------------------------------------------------------------------
+# grouped: sorted pairs + F.grouped_mm, as registered custom ops
+
+
+def _align(n, t):
+    """n rounded up so that n elements of t's dtype fill a multiple of 16 bytes."""
+    step = max(1, 16 // t.element_size())
+    return -(-n // step) * step
+
+
+def _pad_last(t, n):
+    """Zero-pad the last dim of t to size n; contiguous, as grouped_mm wants."""
+    return F.pad(t, (0, n - t.size(-1))).contiguous() if n != t.size(-1) else t.contiguous()
+
+
+def _gmm(a, b, offs):
+    """Per expert e: a[rows of e] @ b[e].
+    a [M, Q] rows sorted by expert, b [E, Q, P], offs [E] int32 end row of each expert -> [M, P]."""
+    # grouped_mm wants every row stride to be a multiple of 16 bytes (4 fp32, 8 bf16), so odd
+    # widths are zero-padded: padding the summed dim Q adds zeros, padded P columns are dropped.
+    Q, P = b.shape[1:]
+    Qp, Pp = _align(Q, a), _align(P, a)
+    a = _pad_last(a, Qp)
+    b = _pad_last(F.pad(b, (0, 0, 0, Qp - Q)), Pp)
+    return F.grouped_mm(a, b, offs=offs)[:, :P].contiguous()
+
+
+def _gmm_wgrad(a, b, offs):
+    """Per expert e: a[rows of e].T @ b[rows of e], the weight gradient.
+    a [M, Q], b [M, P], both sorted by expert, offs [E] -> [E, Q, P]."""
+    Q, P = a.size(1), b.size(1)
+    a, b = _pad_last(a, _align(Q, a)), _pad_last(b, _align(P, b))
+    # a.t() must stay a transposed *view*: its row stride is then Q, while .contiguous() would make
+    # it M, which is not 16-byte aligned in general
+    return F.grouped_mm(a.t(), b, offs=offs)[:, :Q, :P].contiguous()
+
+
+def _pairs(gates):
+    """The active (expert, token) pairs, sorted by expert, and each expert's end offset."""
+    # nonzero walks gates.t() [E, N] in row-major order: by expert, then by token. Deterministic,
+    # and no sort needed.
+    pairs = gates.t().nonzero().contiguous()  # [M, 2]; nonzero alone is column-major
+    counts = torch.bincount(pairs[:, 0], minlength=gates.size(1))            # [E]
+    return pairs, counts.cumsum(0).to(torch.int32)                           # [M, 2], [E]
+
+
+@torch.library.custom_op('moe::grouped_ffn', mutates_args=())
+def grouped_ffn(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the grouped backend. Computes in x's dtype.
+    in:  x [N, D], gates [N, E] (zero = inactive), w_in [E, D, 2H], w_out [E, H, D]
+    out: y [N, D], and what the backward needs:
+         pairs [M, 2] int64 (expert, token) sorted by expert, offs [E] int32 end of each expert's
+         run in pairs, h [M, 2H] pre-activation, o [M, D] expert output before the gate."""
+    pairs, offs = _pairs(gates)
+    expert, token = pairs.unbind(1)                                          # [M], [M]
+    h = _gmm(x[token], w_in.to(x.dtype), offs)                               # [M, 2H]
+    o = _gmm(swiglu(h), w_out.to(x.dtype), offs)                             # [M, D]
+    g = gates[token, expert].to(x.dtype)                                     # [M]
+    y = x.new_zeros(x.shape).index_add_(0, token, o * g[:, None])            # [N, D]
+    return y, pairs, offs, h, o
+
+
+@grouped_ffn.register_fake
+def _(x, gates, w_in, w_out):
+    # M is only known at run time: an unbacked size, so no guard on it and no recompilation
+    M = torch.library.get_ctx().new_dynamic_size()
+    D, H2 = x.size(1), w_in.size(2)
+    return (x.new_empty(x.shape), x.new_empty(M, 2, dtype=torch.long),
+            x.new_empty(gates.size(1), dtype=torch.int32), x.new_empty(M, H2), x.new_empty(M, D))
+
+
+@torch.library.custom_op('moe::grouped_ffn_backward', mutates_args=())
+def grouped_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor,
+                         pairs: Tensor, offs: Tensor, h: Tensor, o: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of moe::grouped_ffn. dy [N, D]; the rest are its inputs and outputs, same layouts.
+    Returns dx [N, D], dgates [N, E] (zero on inactive entries), dw_in [E, D, 2H], dw_out [E, H, D]."""
+    expert, token = pairs.unbind(1)                                          # [M], [M]
+    g = gates[token, expert].to(x.dtype)                                     # [M]
+    dys = dy[token]                                                          # [M, D]
+    # y_n = sum g * o, so dL/dg = <dy_n, o> and the expert output receives g * dy_n
+    dg = (dys * o).sum(1)                                                    # [M]
+    do = dys * g[:, None]                                                    # [M, D]
+    hg, hu = h.chunk(2, dim=1)                                               # [M, H] each
+    silu_hg = F.silu(hg)
+    dw_out = _gmm_wgrad(silu_hg * hu, do, offs)                              # [E, H, D]
+    da = _gmm(do, w_out.to(x.dtype).transpose(1, 2), offs)                   # [M, H]
+    # swiglu backward, a = silu(hg) * hu. aten's fused silu_backward is several times faster on CPU
+    # than spelling out silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), in elementwise ops
+    dhg = torch.ops.aten.silu_backward(da * hu, hg)                          # [M, H]
+    dh = torch.cat([dhg, da * silu_hg], dim=1)                               # [M, 2H]
+    xs = x[token]                                                            # [M, D]
+    dw_in = _gmm_wgrad(xs, dh, offs)                                         # [E, D, 2H]
+    dxs = _gmm(dh, w_in.to(x.dtype).transpose(1, 2), offs)                   # [M, D]
+    dx = x.new_zeros(x.shape).index_add_(0, token, dxs)                      # [N, D]
+    dgates = gates.new_zeros(gates.shape).index_put_((token, expert), dg.to(gates.dtype))  # [N, E]
+    return dx, dgates, dw_in.to(w_in.dtype), dw_out.to(w_out.dtype)
+
+
+@grouped_ffn_backward.register_fake
+def _(dy, x, gates, w_in, w_out, pairs, offs, h, o):
+    # fresh contiguous tensors, exactly what the real kernel returns
+    return (x.new_empty(x.shape), gates.new_empty(gates.shape),
+            w_in.new_empty(w_in.shape), w_out.new_empty(w_out.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    _, pairs, offs, h, o = output
+    # the intermediates are for our backward only; moe_ffn never hands them out
+    ctx.mark_non_differentiable(pairs, offs, h, o)
+    ctx.save_for_backward(*inputs, pairs, offs, h, o)
+
+
+def _backward(ctx, dy, *_):
+    return grouped_ffn_backward(dy.contiguous(), *ctx.saved_tensors)
+
+
+grouped_ffn.register_autograd(_backward, setup_context=_setup_context)
+
+# -----------------------------------------------------------------------------
+
+
+def moe_ffn(x, gates, w_in, w_out, impl: str):
+    """y [N, D] = sum_e gates[:, e] * FFN_e(x), x [N, D], gates [N, E], w_in [E, D, 2H], w_out [E, H, D].
+    impl is a resolved backend name ('loop' or 'grouped'), see resolve_impl."""
+    if impl == 'loop':
+        return _loop_ffn(x, gates, w_in, w_out)
+    if impl == 'grouped':
+        # Why a custom op: the pair count M depends on the routing, and torch.compile can't trace
+        # grouped_mm's fp32 fake kernel (its meta accepts bf16 only) nor take new shapes every step
+        # without recompiling. Hidden inside one op with a static [N, D] output, the model compiles
+        # once with fullgraph=True. Autocast does not reach inside custom ops, so apply it here.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return grouped_ffn(x, gates, w_in, w_out)[0]
+    raise ValueError(f"moe_ffn impl={impl!r} is not a resolved backend (loop, grouped)")
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights, so the grouped backend runs each weight in one call."""
+
+    def __init__(self, n_expert: int, n_embd: int, hidden: int, impl: str = 'auto'):
+        super().__init__()
+        resolve_impl(impl, 'cpu')  # fail fast on a typo; the real choice waits for forward's device
+        self.impl = impl
+        # gate and up projections fused: columns [:H] feed silu, [H:] are the linear "up" branch
+        self.w_in = nn.Parameter(torch.empty(n_expert, n_embd, 2 * hidden))   # [E, D, 2H]
+        self.w_out = nn.Parameter(torch.empty(n_expert, hidden, n_embd))      # [E, H, D]
+        nn.init.normal_(self.w_in, mean=0.0, std=0.02)
+        nn.init.normal_(self.w_out, mean=0.0, std=0.02)
+
+    def forward(self, x, gates):
+        """x [N, D], gates [N, E] -> y [N, D]."""
+        return moe_ffn(x, gates, self.w_in, self.w_out, resolve_impl(self.impl, x.device.type))
+
+    def extra_repr(self):
+        E, D, H2 = self.w_in.shape
+        return f'n_expert={E}, n_embd={D}, hidden={H2 // 2}, impl={self.impl!r}'

@@ -1,0 +1,295 @@
+"""
+A GPT language model whose feed-forward layers are dense or Mixture-of-Experts.
+
+The dense parts follow the modern small-LM recipe (LLaMA-style): RMSNorm, rotary position
+embeddings (RoPE), causal scaled-dot-product attention, SwiGLU feed-forward, no biases, and an
+output head tied to the token embedding. Every `moe_every`-th block replaces its SwiGLU with an
+MoE block: a router (routers.py) makes a gate matrix, the experts (experts.py) consume it.
+
+Legend for shape comments: B batch, T sequence, D model width (n_embd), N = B*T tokens,
+E experts, K active experts per token, H hidden width of one FFN.
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from experts import EXPERT_IMPLS, Experts, swiglu
+from routers import ROUTERS, make_router
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 50304  # GPT-2's 50257 rounded up to a multiple of 64 for faster matmuls
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    ffn_hidden: int = 0  # H of each FFN (the dense MLP, or one expert); 0 = SwiGLU's 8/3 * n_embd
+    rope_theta: float = 10000.0
+    # Mixture of experts
+    moe_every: int = 1  # every moe_every-th block is MoE; 1 = all of them, 0 = a dense model
+    n_expert: int = 8
+    top_k: int = 2
+    router: str = 'topk'
+    expert_impl: str = 'auto'  # 'loop' (reference), 'grouped', 'auto'
+    aux_loss_coef: float = 0.01  # Switch balancing loss, per MoE layer
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss, per MoE layer (1e-3 is typical)
+    router_renorm: bool = False  # top-k: rescale the kept probabilities to sum to 1
+
+    def __post_init__(self):
+        if self.ffn_hidden == 0:  # keep SwiGLU's 3 matrices at the FLOPs of a 4x GELU MLP
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def is_moe(self, layer):
+        return self.moe_every > 0 and layer % self.moe_every == self.moe_every - 1
+
+    def validate(self):
+        """Raise ValueError with a one-line message naming the bad value and what is valid."""
+        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'ffn_hidden'):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        if self.moe_every < 0:
+            raise ValueError(f"moe_every={self.moe_every} must be >= 0 (0 means a dense model)")
+        if self.moe_every == 0:
+            return
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r} is not one of {', '.join(ROUTERS)}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl={self.expert_impl!r} is not one of {', '.join(EXPERT_IMPLS)}")
+        if self.n_expert < 1:
+            raise ValueError(f"n_expert={self.n_expert} must be >= 1")
+        if not 1 <= self.top_k <= self.n_expert:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_expert={self.n_expert}")
+
+
+def rope_tables(head_size, block_size, theta):
+    """cos and sin of the rotation angles, [T, head_size/2] each (RoFormer eq. 34)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+hs/2}) of every head by position-dependent angles. x: [B, nh, T, hs]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, D = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, nh, T, hs]
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, D))
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU (Shazeer 2020). Gate and up projections share one matmul, like the experts."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.ffn_hidden, bias=False)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+
+    def forward(self, x, state):
+        return self.c_proj(swiglu(self.c_fc(x))), None, {}, state  # no aux loss, no stats
+
+
+class MoE(nn.Module):
+    """y_n = sum_e gates[n, e] * FFN_e(x_n): the router decides the gates, the experts compute."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.router = make_router(config)
+        self.experts = Experts(config.n_expert, config.n_embd, config.ffn_hidden, config.expert_impl)
+
+    def forward(self, x, state):
+        B, T, D = x.shape
+        x = x.view(B * T, D)
+        gates, aux_loss, stats, state = self.router(x, state)  # gates: [N, E]
+        y = self.experts(x, gates)  # [N, D]
+        return y.view(B, T, D), aux_loss, stats, state
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.RMSNorm(config.n_embd)
+        self.mlp = MoE(config) if config.is_moe(layer) else MLP(config)
+
+    def forward(self, x, cos, sin, state):
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        y, aux_loss, stats, state = self.mlp(self.ln_2(x), state)
+        return x + y, aux_loss, stats, state
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.RMSNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            # GPT-2: scale the init of the projections that write into the residual stream
+            if name.endswith('c_proj.weight') or name.endswith('experts.w_out'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.w_in, mean=0.0, std=0.02)
+
+    def num_params(self, active=False):
+        """Parameter count; the tied embedding counts once (it is the output head's matmul).
+        active=True counts only what one token uses: K of the E experts in each MoE layer."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            c = self.config
+            for block in self.transformer.h:
+                if isinstance(block.mlp, MoE):
+                    expert_params = sum(p.numel() for p in block.mlp.experts.parameters())
+                    n -= expert_params * (c.n_expert - c.top_k) // c.n_expert
+        return n
+
+    def forward(self, idx, targets=None):
+        """idx [B, T] token ids -> logits, loss (lm + aux, None without targets), info (dict of tensors).
+
+        info holds 'lm_loss', 'aux_loss' and, for each router statistic, a tensor stacked over the
+        MoE layers (e.g. 'load' [L_moe, E]), so that one compiled graph returns everything logged.
+        """
+        B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence length {T} > block_size {self.config.block_size}"
+        x = self.transformer.wte(idx)  # [B, T, D]
+        aux_losses, stats, state = [], [], None
+        for block in self.transformer.h:
+            x, layer_aux, layer_stats, state = block(x, self.rope_cos, self.rope_sin, state)
+            if layer_aux is not None:  # an MoE block
+                aux_losses.append(layer_aux)
+                stats.append(layer_stats)
+        x = self.transformer.ln_f(x)
+        info = {k: torch.stack([s[k] for s in stats]) for k in (stats[0] if stats else {})}
+        if targets is None:  # inference: only the last position's logits are needed
+            return self.lm_head(x[:, [-1], :]), None, info
+        logits = self.lm_head(x)
+        lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        # A dense model adds nothing: in torch 2.13, compiling `loss + 0` next to a returned
+        # loss.detach() yields a loss without grad_fn (test_train checks the dense model compiles)
+        aux_loss = sum(aux_losses) if aux_losses else None
+        loss = lm_loss + aux_loss if aux_losses else lm_loss
+        info.update(lm_loss=lm_loss.detach(),
+                    aux_loss=aux_loss.detach() if aux_losses else torch.zeros((), device=idx.device))
+        return logits, loss, info
+
+    def flops_per_token(self):
+        """Training FLOPs per token on ACTIVE parameters: 6N + attention (PaLM appendix B)."""
+        c = self.config
+        return 6 * self.num_params(active=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Extend idx [B, T] by max_new_tokens sampled tokens (the model should be in eval mode)."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _, _ = self(idx_cond)
+            logits = logits[:, -1, :self.config.vocab_size].float()
+            if temperature == 0:  # greedy
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def device_peak_flops(device):
+    """Peak FLOP/s used for MFU. Known GPUs: the datasheet's dense bf16 number. Anything else
+    (a CPU): a measured fp32 matmul, so MFU reads as a fraction of what this machine can do."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12)):
+            if key in name:
+                return flops
+    n = 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing or unreadable; the message is one line for the user."""
+
+
+def save_checkpoint(ckpt, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never half a file."""
+    tmp = f'{path}.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device='cpu'):
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py) or set --out_dir")
+    try:  # weights_only: a checkpoint holds tensors and plain Python values, never code
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        missing = {'model', 'model_args'} - set(ckpt)
+        if missing:
+            raise KeyError(', '.join(sorted(missing)))
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                              f"delete it or set --out_dir to another run") from None
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, **overrides):
+    """Rebuild the GPT a checkpoint was saved from; overrides change non-architectural fields."""
+    try:
+        model = GPT(GPTConfig(**{**ckpt['model_args'], **overrides}))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the checkpoint does not fit this code's GPT ({str(e).splitlines()[0]})") from None
+    return model

@@ -1,0 +1,219 @@
+"""
+Tests for experts.py: every backend against the loop reference, forward and all four gradients,
+including degenerate routings; the loop reference against a dense brute-force formula; and the
+grouped backend under torch.compile(fullgraph=True) without recompiling as the routing changes.
+
+Shape legend as in experts.py: N tokens, E experts, K active per token, D width, H expert hidden.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from experts import EXPERT_IMPLS, Experts, grouped_ffn, moe_ffn, resolve_impl, swiglu
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make_gates(N, E, active, gen):
+    """Random non-negative gates [N, E] whose non-zero pattern is the bool mask active [N, E]."""
+    return (0.1 + torch.rand(N, E, generator=gen)) * active
+
+
+def relu_mask(N, E, gen):
+    """ReLU-like routing: each token gets a random number of experts in [0, E]."""
+    k = torch.randint(0, E + 1, (N, 1), generator=gen)                 # [N, 1]
+    rank = torch.rand(N, E, generator=gen).argsort(dim=1).argsort(dim=1)
+    return rank < k                                                     # [N, E]
+
+
+def topk_mask(N, E, K, gen):
+    """Top-k-like routing: exactly K experts per token."""
+    return torch.rand(N, E, generator=gen).argsort(dim=1).argsort(dim=1) < K
+
+
+def make_inputs(N, D, H, E, active, seed=0):
+    """x [N, D], gates [N, E], w_in [E, D, 2H], w_out [E, H, D], dy [N, D], all requiring grad.
+    Weights are scaled so that outputs are O(1) and the tolerances mean something."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=gen)
+    gates = make_gates(N, E, active, gen)
+    w_in = torch.randn(E, D, 2 * H, generator=gen) / D ** 0.5
+    w_out = torch.randn(E, H, D, generator=gen) / H ** 0.5
+    dy = torch.randn(N, D, generator=gen)
+    return [t.requires_grad_() for t in (x, gates, w_in, w_out)], dy
+
+
+def run(impl, inputs, dy):
+    """y and the gradients of (x, gates, w_in, w_out) for upstream gradient dy."""
+    y = moe_ffn(*inputs, impl)
+    return (y, *torch.autograd.grad(y, inputs, dy))
+
+
+def dense_reference(x, gates, w_in, w_out):
+    """Brute force: every expert on every token, y = sum_e gates[:, e] * FFN_e(x)."""
+    h = torch.einsum('nd,edf->enf', x, w_in)                            # [E, N, 2H]
+    o = torch.einsum('enh,ehd->end', swiglu(h), w_out)                  # [E, N, D]
+    return torch.einsum('ne,end->nd', gates, o)                         # [N, D]
+
+
+def assert_matches_loop(inputs, dy):
+    names = ('y', 'dx', 'dgates', 'dw_in', 'dw_out')
+    for name, got, want in zip(names, run('grouped', inputs, dy), run('loop', inputs, dy)):
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
+
+# -----------------------------------------------------------------------------
+# grouped vs loop on random shapes and routings
+
+
+shapes = dict(N=st.integers(1, 40), D=st.integers(1, 24), H=st.integers(1, 16), E=st.integers(1, 16),
+              seed=st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(**shapes)
+def test_grouped_matches_loop_relu_routing(N, D, H, E, seed):
+    gen = torch.Generator().manual_seed(seed)
+    assert_matches_loop(*make_inputs(N, D, H, E, relu_mask(N, E, gen), seed))
+
+
+@settings(max_examples=25, deadline=None)
+@given(**shapes, data=st.data())
+def test_grouped_matches_loop_topk_routing(N, D, H, E, seed, data):
+    K = data.draw(st.integers(1, E), label='K')
+    gen = torch.Generator().manual_seed(seed)
+    assert_matches_loop(*make_inputs(N, D, H, E, topk_mask(N, E, K, gen), seed))
+
+# -----------------------------------------------------------------------------
+# degenerate routings
+
+
+def degenerate_mask(case):
+    N, E = 9, 4
+    active = torch.rand(N, E, generator=torch.Generator().manual_seed(1)) < 0.5
+    if case == 'empty_expert':
+        active[:, 2] = False
+    elif case == 'one_expert':
+        active[:] = False
+        active[:, 1] = True
+    elif case == 'token_without_expert':
+        active[3] = False
+        active[7] = False
+    elif case == 'single_token':
+        active = active[:1]
+        active[0, 0] = True
+    elif case == 'every_expert':
+        active[:] = True
+    return active
+
+
+@pytest.mark.parametrize('case', ['empty_expert', 'one_expert', 'token_without_expert',
+                                  'single_token', 'every_expert'])
+@pytest.mark.parametrize('D,H', [(8, 4), (5, 3)])
+def test_degenerate_routings(case, D, H):
+    active = degenerate_mask(case)
+    inputs, dy = make_inputs(active.size(0), D, H, active.size(1), active)
+    assert_matches_loop(inputs, dy)
+    if case == 'token_without_expert':
+        y = moe_ffn(*inputs, 'grouped')
+        assert (y[[3, 7]] == 0).all()                   # such a token keeps only its residual
+
+
+@pytest.mark.parametrize('impl', ['loop', 'grouped'])
+def test_every_gate_zero(impl):
+    # M = 0: no pair at all. Exact zeros out, exact zeros back, and no error
+    inputs, dy = make_inputs(6, 5, 3, 4, torch.zeros(6, 4, dtype=torch.bool))
+    for t in run(impl, inputs, dy):
+        assert (t == 0).all()
+
+# -----------------------------------------------------------------------------
+# the reference itself
+
+
+@settings(max_examples=15, deadline=None)
+@given(**shapes)
+def test_loop_matches_dense_formula(N, D, H, E, seed):
+    active = relu_mask(N, E, torch.Generator().manual_seed(seed))
+    inputs, dy = make_inputs(N, D, H, E, active, seed)
+    y, dx, dgates, dw_in, dw_out = run('loop', inputs, dy)
+    y_ref = dense_reference(*inputs)
+    dx_ref, dgates_ref, dw_in_ref, dw_out_ref = torch.autograd.grad(y_ref, inputs, dy)
+    for got, want in [(y, y_ref), (dx, dx_ref), (dw_in, dw_in_ref), (dw_out, dw_out_ref)]:
+        torch.testing.assert_close(got, want, **TOL)
+    # the dense formula computes FFN_e for inactive experts too, so their gate gradient is
+    # <dy, FFN_e(x)> there; the contract says 0 (never computed, never selected)
+    torch.testing.assert_close(dgates[active], dgates_ref[active], **TOL)
+    assert (dgates[~active] == 0).all()
+
+# -----------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compile_fullgraph_no_recompile():
+    from torch._inductor.compile_fx import compile_fx
+    compiles = []
+
+    def counting_inductor(gm, example_inputs):
+        compiles.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    def loss_fn(x, gates, w_in, w_out):
+        return (moe_ffn(x, gates, w_in, w_out, 'grouped') ** 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counting_inductor)
+    N, D, H, E = 6, 5, 3, 3
+    gen = torch.Generator().manual_seed(0)
+    routings = [relu_mask(N, E, gen), topk_mask(N, E, 1, gen), torch.zeros(N, E, dtype=torch.bool)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for active in routings:                         # three different pair counts M
+            inputs, _ = make_inputs(N, D, H, E, active)
+            got = compiled(*inputs)
+            want = loss_fn(*inputs)
+            torch.testing.assert_close(got, want, **TOL)
+            for g, w in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+                torch.testing.assert_close(g, w, **TOL)
+    assert len(compiles) == 1
+
+
+def test_custom_op_registration():
+    # schema, fake kernel and autograd registration, checked by torch itself
+    inputs, _ = make_inputs(7, 5, 3, 4, relu_mask(7, 4, torch.Generator().manual_seed(0)))
+    torch.library.opcheck(grouped_ffn, inputs)
+
+# -----------------------------------------------------------------------------
+# dtypes, module, config strings
+
+
+def test_bf16_autocast_close_to_fp32():
+    inputs, dy = make_inputs(16, 8, 8, 4, relu_mask(16, 4, torch.Generator().manual_seed(0)))
+    want = run('loop', inputs, dy)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = moe_ffn(*inputs, 'grouped')
+    assert y.dtype == torch.bfloat16
+    got = (y, *torch.autograd.grad(y, inputs, dy.bfloat16()))
+    assert all(g.dtype == t.dtype for g, t in zip(got[1:], inputs))   # grads come back in fp32
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+
+
+def test_experts_module():
+    torch.manual_seed(0)
+    experts = Experts(n_expert=4, n_embd=8, hidden=6)
+    assert experts.w_in.shape == (4, 8, 12) and experts.w_out.shape == (4, 6, 8)
+    assert abs(experts.w_in.std().item() - 0.02) < 0.005
+    x = torch.randn(10, 8)
+    gates = make_gates(10, 4, relu_mask(10, 4, torch.Generator().manual_seed(0)), None)
+    torch.testing.assert_close(experts(x, gates), moe_ffn(x, gates, experts.w_in, experts.w_out, 'loop'),
+                               **TOL)
+
+
+def test_resolve_impl():
+    assert resolve_impl('auto', 'cpu') == 'grouped'
+    assert resolve_impl('loop', 'cpu') == 'loop'
+    assert set(EXPERT_IMPLS) >= {'loop', 'grouped', 'auto'}
+    with pytest.raises(ValueError) as err:
+        resolve_impl('foo', 'cpu')
+    assert str(err.value) == "expert_impl='foo' is not one of loop, grouped, auto"
+    with pytest.raises(ValueError, match='foo'):
+        Experts(2, 4, 4, impl='foo')

@@ -1,0 +1,154 @@
+"""
+End-to-end tests of the real entry points (train.py, sample.py) in subprocesses, on a tiny model
+trained on the default Shakespeare data, plus fullgraph compile against eager.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--ffn_hidden=32', '--n_expert=4', '--top_k=2',
+        '--block_size=32', '--batch_size=4', '--eval_iters=2', '--sample_tokens=0', '--compile=False']
+
+
+def run(script, *args, cwd, ok=True, env=None, launcher=()):
+    proc = subprocess.run([*(launcher or [sys.executable]), str(REPO / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if ok:
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    """The default dataset, prepared once for the whole session by train.py itself."""
+    d = tmp_path_factory.mktemp('data')
+    run('train.py', *TINY, f'--data_dir={d}', '--max_iters=0', f'--out_dir={d}/warmup', cwd=d)
+    assert (d / 'shakespeare' / 'train.bin').exists() and (d / 'shakespeare' / 'meta.json').exists()
+    return d
+
+
+def train(tmp, data_dir, *args, **kw):
+    return run('train.py', *TINY, f'--data_dir={data_dir}', *args, cwd=tmp, **kw)
+
+
+def test_loss_goes_down_and_log_has_routing_stats(tmp_path, data_dir):
+    train(tmp_path, data_dir, '--max_iters=40', '--eval_interval=20', '--log_interval=5',
+          '--learning_rate=3e-3', '--warmup_iters=5', f'--out_dir={tmp_path}/out')
+    log = read_log(tmp_path / 'out')
+    steps = [r for r in log if 'loss' in r]
+    evals = [r for r in log if 'val_loss' in r]
+    assert steps[-1]['loss'] < steps[0]['loss'] - 1.0
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.0
+    assert [r['iter'] for r in evals] == [0, 20, 40]
+    record = steps[-1]
+    for key in ('iter', 'loss', 'lm_loss', 'aux_loss', 'lr', 'tokens_per_sec', 'mfu', 'load_cv', 'load_max',
+                'active_experts', 'router_entropy'):
+        assert key in record, key
+    assert len(record['load_cv']) == 2 and record['active_experts'] == [2.0, 2.0]
+    assert record['loss'] == pytest.approx(record['lm_loss'] + record['aux_loss'], rel=1e-4)
+    assert (tmp_path / 'out' / 'ckpt.pt').exists()
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    """8 iterations in one go equal 4 + resume + 4: same data order, RNG and optimizer state."""
+    common = ['--eval_interval=4', '--log_interval=1', '--warmup_iters=2', '--lr_decay_iters=8']
+    train(tmp_path, data_dir, *common, '--max_iters=8', f'--out_dir={tmp_path}/straight')
+    train(tmp_path, data_dir, *common, '--max_iters=4', f'--out_dir={tmp_path}/resumed')
+    ckpt = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 4
+    train(tmp_path, data_dir, *common, '--max_iters=8', '--init_from=resume', f'--out_dir={tmp_path}/resumed')
+    straight = {r['iter']: r['loss'] for r in read_log(tmp_path / 'straight') if 'loss' in r}
+    resumed = {r['iter']: r['loss'] for r in read_log(tmp_path / 'resumed') if 'loss' in r}
+    assert sorted(resumed) == list(range(8))
+    for it in range(8):
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-5), it
+    assert torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)['iter_num'] == 8
+
+
+def test_sample_prints_text(tmp_path, data_dir):
+    train(tmp_path, data_dir, '--max_iters=2', f'--out_dir={tmp_path}/out')
+    (tmp_path / 'prompt.txt').write_text('ROMEO:\n')
+    proc = run('sample.py', f'--out_dir={tmp_path}/out', '--start=FILE:prompt.txt', '--num_samples=2',
+               '--max_new_tokens=12', '--seed=3', cwd=tmp_path)
+    assert proc.stdout.count('ROMEO:') == 2 and len(proc.stdout) > 40
+    again = run('sample.py', f'--out_dir={tmp_path}/out', '--start=FILE:prompt.txt', '--num_samples=2',
+                '--max_new_tokens=12', '--seed=3', cwd=tmp_path)
+    assert again.stdout == proc.stdout  # --seed makes sampling repeatable
+
+
+def test_config_file_spellings_and_torchrun(tmp_path, data_dir):
+    quick = ['--max_iters=0', '--n_layer=1', '--eval_iters=1']
+    for spelling in ('configs/topk.py', 'config/topk.py', 'topk'):
+        proc = train(tmp_path, data_dir, spelling, *quick, f'--out_dir={tmp_path}/o')
+        assert 'parameters:' in proc.stdout
+    proc = train(tmp_path, data_dir, '--max_iters=2', f'--out_dir={tmp_path}/tr',
+                 launcher=[sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1'])
+    assert (tmp_path / 'tr' / 'ckpt.pt').exists()
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['--top_k=9', '--n_expert=8'], 'top_k=9'),
+    (['--router=softmax'], "router='softmax'"),
+    (['--expert_impl=fast'], "expert_impl='fast'"),
+    (['--expert_impl=loop', '--compile=True'], "expert_impl='loop'"),
+    (['--n_embd=30', '--n_head=4'], 'n_embd=30'),
+    (['--batch_size=two'], 'batch_size'),
+    (['--no_such_knob=1'], 'no_such_knob'),
+    (['config/nonexistent.py'], 'topk'),  # the error lists the configs that exist
+    (['--init_from=resume'], 'no checkpoint'),
+    (['--dataset=textfiles', '--data_files=/nonexistent/*.txt'], 'nonexistent'),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, data_dir, args, needle):
+    proc = train(tmp_path, data_dir, *args, f'--out_dir={tmp_path}/out', ok=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], proc.stderr
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, data_dir):
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    for proc in (train(tmp_path, data_dir, '--init_from=resume', f'--out_dir={tmp_path}/out', ok=False),
+                 run('sample.py', f'--out_dir={tmp_path}/out', cwd=tmp_path, ok=False)):
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and 'not a readable checkpoint' in lines[0], proc.stderr
+
+
+def test_compiled_training_matches_eager(tmp_path, data_dir):
+    """The real entry point with compile=True (fullgraph: a graph break would raise) gives the
+    losses of the eager run."""
+    common = ['--max_iters=3', '--log_interval=1', '--eval_interval=3']
+    train(tmp_path, data_dir, *common, f'--out_dir={tmp_path}/eager')
+    train(tmp_path, data_dir, *common, '--compile=True', f'--out_dir={tmp_path}/compiled')
+    eager = [r['loss'] for r in read_log(tmp_path / 'eager') if 'loss' in r]
+    compiled = [r['loss'] for r in read_log(tmp_path / 'compiled') if 'loss' in r]
+    assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.parametrize('moe_every', [1, 0])
+def test_compiled_model_matches_eager_in_process(moe_every):
+    """fullgraph compile of the MoE and the dense model: same loss, same gradients."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4, top_k=2,
+                       moe_every=moe_every, block_size=8, vocab_size=64)
+    model = GPT(config)
+    idx = torch.randint(0, 64, (2, 8))
+    _, loss, _ = model(idx, idx)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    _, closs, _ = torch.compile(model, fullgraph=True, dynamic=False)(idx, idx)
+    assert closs.requires_grad and torch.allclose(closs, loss, atol=1e-5)
+    cgrads = torch.autograd.grad(closs, list(model.parameters()))
+    for g, cg in zip(grads, cgrads):
+        assert torch.allclose(g, cg, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,379 @@
+"""
+Train a GPT with Mixture-of-Experts layers. nanoGPT's loop, knobs and names.
+
+    python train.py                                 # defaults below: a small top-k MoE on Shakespeare
+    python train.py config/remoe.py --max_iters=100 # a config file, then --key=value overrides
+    torchrun --standalone --nproc_per_node=2 train.py config/topk.py
+
+A config file is plain Python assignments exec'd over the defaults below; it may be written as
+configs/topk.py, config/topk.py or just topk. Every value, from a file or the command line, must
+keep the type of its default; an unknown key or a bad value stops the run with a one-line error.
+"""
+
+import ast
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+import data
+import distributed
+from model import GPT, CheckpointError, GPTConfig, device_peak_flops, load_checkpoint, model_from_checkpoint
+from model import save_checkpoint
+
+# -----------------------------------------------------------------------------
+# default config values: a top-k MoE that trains on 2 CPU cores in a few minutes
+# I/O
+out_dir = 'out'
+eval_interval = 100
+log_interval = 10
+eval_iters = 10
+eval_only = False  # evaluate once, then exit
+always_save_checkpoint = True  # else only when val loss improves
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+sample_tokens = 200  # at the end, print a sample this long (0 = none)
+# data
+dataset = 'shakespeare'  # 'shakespeare' or 'textfiles'
+data_files = ''  # for dataset='textfiles': a file, a folder or a glob
+data_dir = 'data'
+gradient_accumulation_steps = 1
+batch_size = 16
+block_size = 128
+# model
+n_layer = 4
+n_head = 4
+n_embd = 128
+ffn_hidden = 0  # hidden width of the dense MLP or of one expert; 0 = 8/3 * n_embd
+rope_theta = 10000.0
+# mixture of experts
+moe_every = 1  # every moe_every-th block is MoE; 0 = a dense model
+n_expert = 8
+top_k = 2
+router = 'topk'
+expert_impl = 'auto'  # 'loop' (readable reference), 'grouped', 'auto'
+aux_loss_coef = 0.01  # Switch load-balancing loss
+z_loss_coef = 0.0  # router z-loss
+router_renorm = False  # top-k: renormalise the kept gates to sum to 1
+# AdamW optimizer
+learning_rate = 2e-3
+max_iters = 300
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = no clipping
+# learning rate schedule: linear warm-up, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 30
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 2e-4
+# system
+device = ''  # '' = cuda if available, else cpu
+dtype = ''  # '' = bfloat16 on a GPU that supports it, else float32
+compile = True  # torch.compile the whole model (fullgraph)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def die(msg):
+    """Bad input ends the run with one line on stderr and exit code 2: no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def find_config(arg):
+    """'configs/topk.py', 'config/topk.py', 'topk.py' and 'topk' all name configs/topk.py."""
+    if os.path.isfile(arg):
+        return arg
+    configs = Path(__file__).resolve().parent / 'configs'
+    path = configs / f'{Path(arg).stem}.py'
+    if path.is_file():
+        return str(path)
+    known = ', '.join(sorted(p.stem for p in configs.glob('*.py')))
+    die(f"no config file {arg!r}; the configs are: {known}")
+
+
+def parse_config(argv, config):
+    """Apply config files and --key=value overrides to `config` (a dict of defaults), type-checked."""
+
+    def assign(key, value, where):
+        if key not in config:
+            die(f"unknown config key {key!r} in {where}")
+        default = config[key]
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            die(f"{key}={value!r} in {where}: expected a {type(default).__name__}, like {default!r}")
+        config[key] = value
+
+    for arg in argv:
+        if not arg.startswith('--'):
+            path = find_config(arg)
+            scope = {}
+            try:
+                exec(Path(path).read_text(), {}, scope)
+            except Exception as e:
+                die(f"{path} does not run ({type(e).__name__}: {e})")
+            for key, value in scope.items():
+                if not key.startswith('_'):
+                    assign(key, value, path)
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                die(f"{arg!r}: overrides are written --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string: --router=topk
+            assign(key, value, 'the command line')
+    return config
+
+
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config = parse_config(sys.argv[1:], {k: globals()[k] for k in config_keys})
+globals().update(config)  # the rest of the script reads plain names, as in nanoGPT
+
+# -----------------------------------------------------------------------------
+# checks that need no model: each bad value is a one-line error
+if init_from not in ('scratch', 'resume'):
+    die(f"init_from={init_from!r} is not 'scratch' or 'resume'")
+if dataset not in data.DATASETS:
+    die(f"dataset={dataset!r} is not one of {', '.join(data.DATASETS)}")
+for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval',
+             'eval_interval'):
+    if config[name] < 1:
+        die(f"{name}={config[name]} must be a positive integer")
+if max_iters < 0 or learning_rate <= 0:
+    die(f"max_iters={max_iters} must be >= 0 and learning_rate={learning_rate} > 0")
+device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+if device.startswith('cuda') and not torch.cuda.is_available():
+    die(f"device={device!r} but this machine has no CUDA GPU: use --device=cpu")
+if device not in ('cpu', 'mps') and not device.startswith('cuda'):
+    die(f"device={device!r} is not cpu, cuda or cuda:N")
+dtype = dtype or ('bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32')
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    die(f"dtype={dtype!r} is not float32, bfloat16 or float16")
+lr_decay_iters = lr_decay_iters or max_iters
+if compile and expert_impl == 'loop' and moe_every > 0:
+    die("expert_impl='loop' is the eager reference and does not compile: use --compile=False "
+        "or --expert_impl=grouped")
+
+model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+try:
+    GPTConfig(**model_args).validate()
+except ValueError as e:
+    die(str(e))
+
+# -----------------------------------------------------------------------------
+# processes, devices, data
+dist = distributed.init(device)
+device = dist.device
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+tokens_per_iter = gradient_accumulation_steps * dist.world_size * batch_size * block_size
+if dist.master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"tokens per iteration: {tokens_per_iter:,}")
+torch.manual_seed(seed + dist.rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+try:  # rank 0 prepares the dataset on first use, the others wait for it
+    folder = data.prepare(dataset, data_dir, files=data_files) if dist.master else os.path.join(data_dir, dataset)
+    distributed.barrier(dist)
+    splits = {split: data.load_split(folder, split) for split in ('train', 'val')}
+    for split, tokens in splits.items():
+        if len(tokens) <= block_size:
+            raise data.DataError(f"the {split} split of {folder} has {len(tokens)} tokens, "
+                                 f"fewer than block_size={block_size} + 1: use a smaller --block_size")
+except data.DataError as e:
+    die(str(e))
+
+# Training batches come from their own generator, saved in checkpoints: a resumed run sees the
+# same batches it would have seen had it never stopped. Each rank draws different batches.
+data_gen = torch.Generator().manual_seed(seed + dist.rank)
+
+
+def get_batch(split, generator):
+    return data.get_batch(splits[split], batch_size, block_size, generator, device)
+
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+iter_num, best_val_loss, ckpt = 0, float('inf'), None
+if init_from == 'resume':
+    try:
+        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+    except CheckpointError as e:
+        die(str(e))
+    # architecture comes from the checkpoint; the dispatch backend may change (e.g. CPU -> GPU)
+    model = model_from_checkpoint(ckpt, expert_impl=expert_impl)
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+else:
+    model = GPT(GPTConfig(**model_args))
+model.to(device)
+raw_model = model  # the uncompiled, unwrapped module: its state_dict has no prefixes
+if dist.master:
+    print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active")
+
+# AdamW with weight decay on matrices only: norms' gains are 1-d and are not decayed
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([
+    {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+    {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+], lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    torch.set_rng_state(ckpt['rng']['torch'])
+    data_gen.set_state(ckpt['rng']['data'])
+    ckpt = None  # free memory
+
+if compile:
+    if dist.master:
+        print("compiling the model (takes a minute)...")
+    model = torch.compile(model, fullgraph=True, dynamic=False)
+model = distributed.wrap(model, dist)
+peak_flops = device_peak_flops(torch.device(device))
+
+
+def get_lr(it):
+    """Linear warm-up, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split, the same batches at every evaluation."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        generator = torch.Generator().manual_seed(seed)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, generator)
+            with ctx:
+                _, _, info = model(X, Y)
+            losses[k] = info['lm_loss'].item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def routing_log(info):
+    """Per-layer routing health for the log: expert load spread, active experts, entropy."""
+    if 'load' not in info:
+        return {}
+    load = info['load'].float()  # [L_moe, E] fraction of tokens using each expert
+    mean = load.mean(-1).clamp_min(1e-9)
+    r = lambda t: [round(v, 4) for v in t.tolist()]
+    return {
+        'load_min': r(load.min(-1).values / mean),  # 1.0 everywhere = perfectly balanced
+        'load_max': r(load.max(-1).values / mean),
+        'load_cv': r(load.std(-1, correction=0) / mean),
+        'active_experts': r(info['active'].float()),
+        'router_entropy': r(info['entropy'].float()),
+    }
+
+
+def log(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def checkpoint():
+    save_checkpoint({
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'model_args': asdict(raw_model.config),
+        'config': config,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'rng': {'torch': torch.get_rng_state(), 'data': data_gen.get_state()},
+    }, os.path.join(out_dir, 'ckpt.pt'))
+
+
+# Ctrl-C or a scheduler's SIGTERM: finish the step, save a checkpoint, exit; resume picks it up
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signum
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# -----------------------------------------------------------------------------
+# training loop
+t0, timed_iters = time.time(), 0
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    last = iter_num >= max_iters
+
+    if iter_num % eval_interval == 0 or last or stop_signal:
+        losses = estimate_loss()
+        if dist.master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+            improved = losses['val'] < best_val_loss
+            if (improved or always_save_checkpoint or stop_signal) and (iter_num > 0 or last):
+                best_val_loss = min(best_val_loss, losses['val'])
+                checkpoint()
+                print(f"saved checkpoint to {out_dir}/ckpt.pt")
+        t0, timed_iters = time.time(), 0  # evaluation time is not training time
+    if last or eval_only or stop_signal:
+        break
+
+    for micro_step in range(gradient_accumulation_steps):
+        if dist.world_size > 1:  # DDP: average gradients only after the last micro-step
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        X, Y = get_batch('train', data_gen)
+        with ctx:
+            _, loss, info = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    timed_iters += 1
+
+    if iter_num % log_interval == 0 and dist.master:
+        t1 = time.time()
+        dt, n_iters, t0, timed_iters = t1 - t0, timed_iters, t1, 0  # time per iteration since the last log
+        tokens_per_sec = n_iters * tokens_per_iter / dt
+        mfu = raw_model.flops_per_token() * tokens_per_sec / (peak_flops * dist.world_size)
+        lossf = loss.item() * gradient_accumulation_steps
+        record = {'iter': iter_num, 'loss': lossf, 'lm_loss': info['lm_loss'].item(),
+                  'aux_loss': info['aux_loss'].item(), 'lr': lr, 'tokens_per_sec': round(tokens_per_sec),
+                  'mfu': round(mfu, 4), **routing_log(info)}
+        log(record)
+        print(f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt / n_iters:.0f}ms/iter, "
+              f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+    iter_num += 1
+
+if dist.master and sample_tokens > 0 and not stop_signal:
+    from sample import generate_text
+    print('-' * 40)
+    print(generate_text(raw_model, '\n', num_samples=1, max_new_tokens=sample_tokens, device=device)[0])
+distributed.destroy(dist)
+if stop_signal:
+    sys.exit(128 + stop_signal)
