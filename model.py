@@ -36,11 +36,17 @@ class GPTConfig:
     moe_every: int = 1  # every moe_every-th block is MoE; 1 = all of them, 0 = a dense model
     n_expert: int = 8
     top_k: int = 2
-    router: str = 'topk'
+    router: str = 'topk'  # how logits become gates: 'topk', 'remoe', 'prototype'
+    recurrent_router: bool = False  # RMoE: logits from a GRU shared across layers
+    rmoe_dim: int = 128  # RMoE: width p of the projector and of the GRU state
     expert_impl: str = 'auto'  # 'loop' (reference), 'grouped', 'auto'
-    aux_loss_coef: float = 0.01  # Switch balancing loss, per MoE layer
+    expert_granularity: int = 1  # G: E*G experts of hidden H/G, K*G active (same parameters)
+    capacity_factor: float = 0.0  # topk/prototype: slots per expert = cf * K * N / E; 0 = dropless
+    aux_loss_coef: float = 0.01  # Switch balancing loss, per MoE layer (topk, prototype)
     z_loss_coef: float = 0.0  # ST-MoE router z-loss, per MoE layer (1e-3 is typical)
-    router_renorm: bool = False  # top-k: rescale the kept probabilities to sum to 1
+    router_renorm: bool = False  # topk/prototype: rescale the kept probabilities to sum to 1
+    remoe_lambda0: float = 1e-8  # ReMoE: initial L1 coefficient λ (paper default)
+    remoe_alpha: float = 1.2  # ReMoE: λ's multiplicative step (paper default)
 
     def __post_init__(self):
         if self.ffn_hidden == 0:  # keep SwiGLU's 3 matrices at the FLOPs of a 4x GELU MLP
@@ -48,6 +54,15 @@ class GPTConfig:
 
     def is_moe(self, layer):
         return self.moe_every > 0 and layer % self.moe_every == self.moe_every - 1
+
+    def n_moe_layers(self):
+        return sum(self.is_moe(layer) for layer in range(self.n_layer))
+
+    def moe_shape(self):
+        """(E, K, H) of each MoE layer after fine-graining (ReMoE §4.3): G times more experts,
+        each G times narrower, G times more of them active: parameters and FLOPs unchanged."""
+        G = self.expert_granularity
+        return self.n_expert * G, self.top_k * G, self.ffn_hidden // G
 
     def validate(self):
         """Raise ValueError with a one-line message naming the bad value and what is valid."""
@@ -70,6 +85,26 @@ class GPTConfig:
             raise ValueError(f"n_expert={self.n_expert} must be >= 1")
         if not 1 <= self.top_k <= self.n_expert:
             raise ValueError(f"top_k={self.top_k} must be between 1 and n_expert={self.n_expert}")
+        if self.expert_granularity < 1 or self.ffn_hidden % self.expert_granularity:
+            raise ValueError(f"expert_granularity={self.expert_granularity} must be a positive divisor "
+                             f"of ffn_hidden={self.ffn_hidden}")
+        if self.capacity_factor < 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 0 (0 means dropless)")
+        if self.router == 'remoe':
+            if self.capacity_factor > 0:
+                raise ValueError(f"capacity_factor={self.capacity_factor} with router='remoe' is invalid: "
+                                 f"ReLU routing has no fixed number of experts to cap; use 0")
+            if self.router_renorm:
+                raise ValueError("router_renorm=True with router='remoe' is invalid: ReLU gates are never "
+                                 "normalised (ReMoE §3.2)")
+            if not (self.remoe_alpha > 1 and self.remoe_lambda0 > 0):
+                raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 and "
+                                 f"remoe_lambda0={self.remoe_lambda0} > 0")
+        if self.router == 'prototype' and self.n_expert % self.top_k:
+            raise ValueError(f"router='prototype' needs top_k={self.top_k} groups to divide "
+                             f"n_expert={self.n_expert}")
+        if self.recurrent_router and self.rmoe_dim < 1:
+            raise ValueError(f"rmoe_dim={self.rmoe_dim} must be a positive integer")
 
 
 def rope_tables(head_size, block_size, theta):
@@ -116,10 +151,11 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """y_n = sum_e gates[n, e] * FFN_e(x_n): the router decides the gates, the experts compute."""
 
-    def __init__(self, config):
+    def __init__(self, config, gru=None):
         super().__init__()
-        self.router = make_router(config)
-        self.experts = Experts(config.n_expert, config.n_embd, config.ffn_hidden, config.expert_impl)
+        E, _, H = config.moe_shape()
+        self.router = make_router(config, gru)
+        self.experts = Experts(E, config.n_embd, H, config.expert_impl)
 
     def forward(self, x, state):
         B, T, D = x.shape
@@ -130,12 +166,12 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer):
+    def __init__(self, config, layer, gru=None):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd)
-        self.mlp = MoE(config) if config.is_moe(layer) else MLP(config)
+        self.mlp = MoE(config, gru) if config.is_moe(layer) else MLP(config)
 
     def forward(self, x, cos, sin, state):
         x = x + self.attn(self.ln_1(x), cos, sin)
@@ -148,9 +184,12 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        # RMoE: one GRU cell, shared by the routers of all MoE layers (like tied embeddings, the
+        # same module appears in each; parameters() counts it once)
+        gru = nn.GRUCell(config.rmoe_dim, config.rmoe_dim) if config.recurrent_router else None
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i, gru) for i in range(config.n_layer)]),
             ln_f=nn.RMSNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -169,18 +208,38 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, Experts):
             nn.init.normal_(module.w_in, mean=0.0, std=0.02)
+        elif isinstance(module, nn.GRUCell):  # RMoE's runs use the standard init, std 0.02
+            nn.init.normal_(module.weight_ih, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight_hh, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias_ih)
+            nn.init.zeros_(module.bias_hh)
 
     def num_params(self, active=False):
         """Parameter count; the tied embedding counts once (it is the output head's matmul).
         active=True counts only what one token uses: K of the E experts in each MoE layer."""
         n = sum(p.numel() for p in self.parameters())
-        if active:
-            c = self.config
+        if active:  # ReMoE's K is an average, held there by its controller
+            E, K, _ = self.config.moe_shape()
             for block in self.transformer.h:
                 if isinstance(block.mlp, MoE):
                     expert_params = sum(p.numel() for p in block.mlp.experts.parameters())
-                    n -= expert_params * (c.n_expert - c.top_k) // c.n_expert
+                    n -= expert_params * (E - K) // E
         return n
+
+    @torch.no_grad()
+    def update_routers(self, sparsity):
+        """Once per optimizer step: routers that adapt online (ReMoE's λ) see the sparsity measured
+        over that step's training forwards, averaged over micro-steps, MoE layers and ranks."""
+        for block in self.transformer.h:
+            if isinstance(block.mlp, MoE):
+                block.mlp.router.update(sparsity)
+
+    def router_lambda(self):
+        """ReMoE's λ (every layer holds the same value), or None for routers without one."""
+        for block in self.transformer.h:
+            if isinstance(block.mlp, MoE) and hasattr(block.mlp.router, 'lam'):
+                return block.mlp.router.lam.item()
+        return None
 
     def forward(self, idx, targets=None):
         """idx [B, T] token ids -> logits, loss (lm + aux, None without targets), info (dict of tensors).
@@ -245,15 +304,16 @@ def device_peak_flops(device):
                 return flops
     n = 1024
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b  # warm-up
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    t0, reps = time.perf_counter(), 10
-    for _ in range(reps):
+    best = float('inf')
+    for _ in range(10):  # the fastest of several: a busy machine slows some repetitions, not all
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         a @ b
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 # -----------------------------------------------------------------------------

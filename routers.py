@@ -8,17 +8,25 @@ The one contract of this repo (DESIGN.md):
 `gates[n, e]` is the weight of expert e in token n's output, zero where the expert is inactive.
 experts.py consumes that matrix and never needs to know which router made it, so a router is free
 to choose any number of experts per token. `aux_loss` is already multiplied by its coefficient;
-the model adds it to the language-model loss. `state` is threaded from one MoE layer to the next
-(a recurrent router uses it; the others pass it through untouched).
+the model adds it to the language-model loss. `state` is threaded from one MoE layer to the next.
 
-Legend for shape comments: N tokens, E experts, K active experts per token, D model width.
+A router is two choices:
+- where the logits come from: a linear map of x, or RMoE's GRU that carries a per-token routing
+  state from layer to layer (`recurrent_router=True`);
+- how logits become gates (`router`): 'topk' (softmax, keep K), 'remoe' (ReLU, a variable number
+  of experts held at K on average by an adaptive L1 penalty), 'prototype' (K groups, top-1 in each).
+
+Legend for shape comments: N tokens, E experts, K active experts per token, D model width,
+p RMoE's recurrent width, m = E/K experts per prototype group.
 """
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = ('topk',)
+ROUTERS = ('topk', 'remoe', 'prototype')
 
 
 def switch_balance_loss(probs, gates, top_k):
@@ -39,48 +47,182 @@ def z_loss(logits):
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def routing_stats(probs, gates):
+def remoe_l1(gates, top_k):
+    """ReMoE eq. 10-11 for one layer: (1/N) sum_n sum_e f_e * R_ne, with f_e = E/(K*N) * (tokens
+    using e), the load relative to the ideal K/E, held constant (a count: no gradient). Overloaded
+    experts are pushed to zero harder. Its minimum is 0 (all gates zero), which is why its
+    coefficient cannot be fixed and ReMoE adapts it online."""
+    N, E = gates.shape
+    f = (gates > 0).sum(0).float() * E / (top_k * N)  # [E]
+    return (f * gates).sum() / N
+
+
+def capacity_keep(choices, capacity):
+    """Which assignments fit in their expert's buffer of `capacity` slots (GShard / Switch).
+
+    choices [R, N, E]: one-hot, the r-th pick of each token. Slots are filled in rank-major order,
+    every token's first pick before any second pick, tokens in order within a rank, so an
+    overflow drops the least important assignments. Returns keep [N, E] (bool).
+    """
+    R, N, E = choices.shape
+    slot = choices.reshape(R * N, E).cumsum(0).reshape(R, N, E)  # 1-based slot in the expert's buffer
+    return ((slot <= capacity) & (choices > 0)).any(0)
+
+
+def routing_stats(gates, probs=None):
     """Routing health, logged next to the loss. All tensors, so the model compiles in one graph."""
     active = (gates > 0).float()  # [N, E]
-    load = active.mean(0)  # [E] fraction of tokens that use each expert
-    entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+    if probs is None:  # ReLU routing has no probabilities: use each token's normalised gates
+        probs = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
     return {
-        'load': load,  # per-expert load, for min/max/CV
+        'load': active.mean(0),  # [E] fraction of tokens that use each expert
         'active': active.sum(-1).mean(),  # mean experts per token
-        'entropy': entropy,  # mean router entropy (nats); log(E) is uniform
+        'sparsity': 1 - active.mean(),  # fraction of zero gates (ReMoE eq. 8, one layer)
+        'entropy': -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean(),  # nats; log(E) is uniform
     }
 
 
-class TopKRouter(nn.Module):
+class Router(nn.Module):
+    """The logit source shared by every router; subclasses turn logits into gates."""
+
+    def __init__(self, config, gru=None):
+        super().__init__()
+        self.n_expert, self.top_k, _ = config.moe_shape()
+        self.n_moe_layers = config.n_moe_layers()
+        self.capacity_factor = config.capacity_factor
+        self.renorm = config.router_renorm
+        self.aux_loss_coef = config.aux_loss_coef
+        self.z_loss_coef = config.z_loss_coef
+        if config.recurrent_router:  # RMoE eq. 4-6
+            self.proj = nn.Linear(config.n_embd, config.rmoe_dim, bias=False)  # per layer: D -> p
+            self.gru = gru  # ONE GRU cell shared by all layers (the same module object in each)
+            self.w_g = nn.Linear(config.rmoe_dim, self.n_expert, bias=False)  # per layer: p -> E
+        else:
+            self.gru = None
+            self.w_g = nn.Linear(config.n_embd, self.n_expert, bias=False)
+
+    def logits(self, x, state):
+        """x [N, D] -> logits [N, E] (fp32 or fp64), and the routing state for the next MoE layer."""
+        if self.gru is not None:
+            # RMoE eq. 5: h_i = GRU(Proj_i(x_i), h_{i-1}), h_0 = 0 (state None). Never detached:
+            # later layers' routing losses train earlier layers' projectors (the "recurrent gradient")
+            state = self.gru(self.proj(x), state)  # [N, p]
+            x = state
+        # router math in fp32 at least: under bf16 autocast near-ties would flip experts
+        logits = self.w_g(x)
+        return (logits.float() if logits.element_size() < 4 else logits), state
+
+    def capacity(self, n_tokens):
+        """Slots per expert: capacity_factor * K * N / E, rounded up (0 = dropless)."""
+        return math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_expert)
+
+    def drop_overflow(self, gates, choices, stats):
+        """Zero the assignments past their expert's capacity (training only: evaluation and
+        sampling are dropless, so a token's output never depends on the rest of the batch)."""
+        if self.capacity_factor > 0 and self.training:
+            keep = capacity_keep(choices, self.capacity(gates.size(0)))
+            stats['dropped'] = 1 - keep.sum() / choices.sum()
+            gates = gates * keep
+        else:
+            stats['dropped'] = gates.new_zeros(())
+        return gates
+
+    def with_z_loss(self, aux_loss, logits):
+        return aux_loss + self.z_loss_coef * z_loss(logits) if self.z_loss_coef > 0 else aux_loss
+
+    @torch.no_grad()
+    def update(self, sparsity):
+        """Called once per optimizer step with that step's measured sparsity (a 0-d tensor or a
+        float); most routers keep no online state."""
+
+
+class TopKRouter(Router):
     """The classic baseline: softmax over all experts, keep the K largest (GShard, Switch).
 
     The kept probabilities are used as gates as they are by default, so with K = 1 the router
     still receives a language-model gradient (ROUTERS.md pitfall 10); `router_renorm=True`
-    rescales them to sum to 1 per token, as Mixtral does.
+    rescales them to sum to 1 per token, as Mixtral does (and as the RMoE code does).
     """
 
-    def __init__(self, config):
-        super().__init__()
-        self.top_k = config.top_k
-        self.renorm = config.router_renorm
-        self.aux_loss_coef = config.aux_loss_coef
-        self.z_loss_coef = config.z_loss_coef
-        self.w_g = nn.Linear(config.n_embd, config.n_expert, bias=False)
-
     def forward(self, x, state=None):
-        # router math in fp32: under bf16 autocast near-ties in the softmax would flip experts
-        logits = self.w_g(x).float()  # [N, E]
+        logits, state = self.logits(x, state)  # [N, E]
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # [N, K]
         if self.renorm:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(1, top_i, top_p)  # [N, E], K non-zeros per row
         aux_loss = self.aux_loss_coef * switch_balance_loss(probs, gates, self.top_k)
-        if self.z_loss_coef > 0:
-            aux_loss = aux_loss + self.z_loss_coef * z_loss(logits)
-        return gates.to(x.dtype), aux_loss, routing_stats(probs, gates), state
+        stats = routing_stats(gates, probs)
+        choices = F.one_hot(top_i.t(), self.n_expert)  # [K, N, E], the r-th pick of every token
+        gates = self.drop_overflow(gates, choices, stats)
+        return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
 
 
-def make_router(config):
-    """The router named by `config.router`; GPTConfig.validate has checked the name."""
-    return {'topk': TopKRouter}[config.router](config)
+class ReMoERouter(Router):
+    """ReMoE (Wang et al., ICLR 2025): gates = ReLU(x W). No softmax, no top-k, no normalisation:
+    an expert is active exactly where its gate is positive, so the output is continuous in W.
+
+    Compute is held at K of E experts on average by the load-balanced L1 penalty (eq. 10-11) whose
+    coefficient λ follows a multiplicative controller (eq. 7) towards the target sparsity 1 - K/E.
+    λ is an fp32 buffer outside autograd: saved in checkpoints, kept in fp32 when the model is cast,
+    changed only by `update`, which the training loop calls once per optimizer step.
+    """
+
+    def __init__(self, config, gru=None):
+        super().__init__(config, gru)
+        self.alpha = config.remoe_alpha
+        self.target_sparsity = 1 - self.top_k / self.n_expert  # the same for every granularity
+        self.register_buffer('lam', torch.tensor(config.remoe_lambda0, dtype=torch.float32))
+
+    def forward(self, x, state=None):
+        logits, state = self.logits(x, state)  # [N, E]
+        gates = F.relu(logits)  # ReMoE eq. 5
+        # eq. 6 with eq. 10's mean over the L MoE layers
+        aux_loss = self.lam * remoe_l1(gates, self.top_k) / self.n_moe_layers
+        stats = routing_stats(gates)
+        stats['dropped'] = gates.new_zeros(())  # ReLU routing is dropless
+        return gates.to(x.dtype), aux_loss, stats, state
+
+    @torch.no_grad()
+    def update(self, sparsity):
+        # eq. 7: λ <- λ * α^sign(S* - S). Like the reference code, a step exactly on target
+        # divides, so λ always moves by exactly α or 1/α. On the device: no host sync per step
+        self.lam.mul_(torch.where(torch.as_tensor(sparsity) < self.target_sparsity, self.alpha, 1 / self.alpha))
+
+    def _apply(self, fn, recurse=True):
+        # keep λ in fp32 whatever the model is cast to: bf16 would round away the controller's steps
+        lam = self.lam
+        super()._apply(fn, recurse)
+        self.lam = lam.to(self.lam.device)
+        return self
+
+
+class PrototypeRouter(Router):
+    """Expert prototyping (M6-T, Yang et al. 2021): the E experts form K contiguous groups of
+    m = E/K; a softmax and a top-1 inside each group; the K outputs are summed. Exactly one expert
+    per group, so K per token, never two from one group. The weights are each group's top-1
+    probability, not renormalised by default (`router_renorm=True` makes them sum to 1)."""
+
+    def forward(self, x, state=None):
+        logits, state = self.logits(x, state)  # [N, E]
+        N, K = logits.size(0), self.top_k
+        m = self.n_expert // K
+        probs = logits.view(N, K, m).softmax(dim=-1)  # [N, K, m] softmax within each group
+        top_p, top_i = probs.max(dim=-1)  # [N, K] top-1 per group
+        if self.renorm:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        expert = top_i + m * torch.arange(K, device=x.device)  # [N, K] global expert ids
+        gates = torch.zeros_like(logits).scatter(1, expert, top_p)  # [N, E]
+        # the Switch loss inside each group (minimum 1 per group, K in all)
+        group_gates = gates.view(N, K, m)
+        aux_loss = sum(switch_balance_loss(probs[:, j], group_gates[:, j], 1) for j in range(K))
+        stats = routing_stats(gates, probs)
+        # groups own disjoint experts, so their capacities never interact
+        gates = self.drop_overflow(gates, F.one_hot(expert.t(), self.n_expert), stats)
+        return gates.to(x.dtype), self.with_z_loss(self.aux_loss_coef * aux_loss, logits), stats, state
+
+
+def make_router(config, gru=None):
+    """The router named by `config.router` (GPTConfig.validate has checked the name and options).
+    `gru` is the GRU cell shared by all layers when config.recurrent_router is set."""
+    return {'topk': TopKRouter, 'remoe': ReMoERouter, 'prototype': PrototypeRouter}[config.router](config, gru)

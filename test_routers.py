@@ -3,16 +3,18 @@ Property-based tests of the routers (hypothesis): sparsity, gate values, differe
 and the balancing losses against their closed forms.
 """
 
+import io
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+import torch.nn as nn
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from experts import moe_ffn, swiglu
-from model import GPTConfig
-from routers import TopKRouter, make_router, routing_stats, switch_balance_loss, z_loss
+from model import GPT, MoE, GPTConfig
+from routers import TopKRouter, capacity_keep, make_router, remoe_l1, routing_stats, switch_balance_loss, z_loss
 
 settings.register_profile('repo', max_examples=30, deadline=None)
 settings.load_profile('repo')
@@ -157,6 +159,362 @@ def test_z_loss_is_added_with_its_coefficient():
 
 def test_routing_stats_entropy_of_a_uniform_router_is_log_E():
     probs = torch.full((5, 8), 1 / 8)
-    stats = routing_stats(probs, torch.zeros(5, 8).scatter(1, torch.zeros(5, 1, dtype=torch.long), 1.0))
+    stats = routing_stats(torch.zeros(5, 8).scatter(1, torch.zeros(5, 1, dtype=torch.long), 1.0), probs)
     assert stats['entropy'].item() == pytest.approx(math.log(8), rel=1e-5)
     assert stats['load'].tolist() == [1.0] + [0.0] * 7
+
+
+# -----------------------------------------------------------------------------
+# ReMoE: ReLU routing with the adaptive, load-balanced L1 penalty
+
+
+def remoe_layer(N=6, D=5, E=4, K=1, H=3, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    config = GPTConfig(n_embd=D, n_head=1, n_layer=1, ffn_hidden=H, n_expert=E, top_k=K, router='remoe', **kw)
+    return MoE(config).to(dtype), torch.randn(1, N, D, dtype=dtype)
+
+
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), st.integers(0, 2**16))
+def test_remoe_passes_gradcheck_away_from_the_kink(N, D, E, seed):
+    moe, x = remoe_layer(N, D, E, 1, 3, seed, torch.float64, expert_impl="loop")  # grouped_mm has no fp64
+    moe.router.lam.fill_(0.3)  # include the L1 term
+    assume((x[0] @ moe.router.w_g.weight.t()).abs().min() > 1e-3)  # no logit at ReLU's kink
+    params = (x.requires_grad_(), moe.router.w_g.weight, moe.experts.w_in, moe.experts.w_out)
+
+    def f(x, w_g, w_in, w_out):
+        y, aux_loss, _, _ = torch.func.functional_call(
+            moe, {'router.w_g.weight': w_g, 'experts.w_in': w_in, 'experts.w_out': w_out}, (x, None))
+        return y, aux_loss
+
+    assert torch.autograd.gradcheck(f, params, eps=1e-7, atol=1e-6)
+
+
+def test_remoe_output_is_continuous_where_topk_jumps():
+    """Two experts whose logits are nearly tied swap under a tiny change of the router weights:
+    the top-1 output jumps from one expert to the other, the ReLU output moves by O(change)."""
+    outs = {}
+    for router in ('topk', 'remoe'):
+        torch.manual_seed(0)
+        config = GPTConfig(n_embd=4, n_head=1, n_layer=1, ffn_hidden=8, n_expert=4, top_k=1, router=router)
+        moe = MoE(config)
+        x = torch.tensor([[[1.0, 0.5, -0.3, 0.8]]])
+        u = x[0, 0] / x[0, 0].square().sum()  # (x . u) = 1: a weight row c*u gives the logit c
+        with torch.no_grad():
+            moe.experts.w_in.normal_()  # experts of unit scale, so their outputs clearly differ
+            moe.experts.w_out.normal_()
+            w = moe.router.w_g.weight  # [E, D]
+            w.copy_(torch.stack([1.0 * u, 1.0001 * u, -u, -u]))  # expert 1 leads expert 0 by 1e-4
+            y0 = moe(x, None)[0]
+            w[0] += 2e-4 * u  # now expert 0 leads by 1e-4
+            y1 = moe(x, None)[0]
+        outs[router] = (y1 - y0).norm().item()
+    assert outs['remoe'] < 1e-3 and outs['topk'] > 1e-2  # O(1e-4) against O(1)
+
+
+@given(st.integers(1, 24), st.integers(1, 8), st.integers(0, 2**16))
+def test_remoe_every_active_expert_gets_gradient_and_inactive_ones_none(N, E, seed):
+    moe, x = remoe_layer(N, 6, E, 1, 4, seed)
+    y, _, _, _ = moe(x, None)
+    gates = torch.relu(x[0] @ moe.router.w_g.weight.t())
+    g_in, g_out = torch.autograd.grad(y, (moe.experts.w_in, moe.experts.w_out), torch.randn_like(y))
+    used = (gates > 0).any(0)  # [E]
+    for e in range(E):
+        if used[e]:
+            assert g_in[e].abs().sum() > 0 and g_out[e].abs().sum() > 0
+        else:
+            assert g_in[e].abs().sum() == 0 and g_out[e].abs().sum() == 0
+
+
+@pytest.mark.parametrize('impl', ['loop', 'grouped'])
+def test_remoe_inactive_tokens_get_exactly_zero_and_an_all_zero_layer_runs(impl):
+    moe, x = remoe_layer(N=10, D=4, E=4, K=1, expert_impl=impl)
+    with torch.no_grad():
+        moe.router.w_g.weight.fill_(-1.0)
+    x = x.abs().requires_grad_()  # every logit negative: no token has an expert
+    y, aux_loss, stats, _ = moe(x, None)
+    assert torch.equal(y, torch.zeros_like(y)) and aux_loss.item() == 0 and stats['sparsity'].item() == 1
+    (y.sum() + aux_loss).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_remoe_l1_closed_form_and_constant_load():
+    gates = torch.tensor([[0.5, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    N, E, K = 3, 4, 1
+    f = torch.tensor([1.0, 0.0, 1.0, 2.0]) * E / (K * N)  # tokens per expert, relative to K*N/E
+    expected = (f * gates).sum() / N
+    loss = remoe_l1(gates, K)
+    assert loss.item() == pytest.approx(expected.item())
+    (grad,) = torch.autograd.grad(loss, gates)
+    # f is a constant: the gradient is f_e / N on every entry, and the ReLU zeroes it off the active ones
+    assert torch.allclose(grad, (f / N).expand(N, E))
+    assert remoe_l1(torch.zeros(5, 4), 1).item() == 0  # its minimum: why λ cannot be fixed
+
+
+def test_remoe_l1_is_the_gate_mass_under_uniform_routing():
+    N, E, K = 8, 4, 2
+    gates = torch.zeros(N, E)
+    for n in range(N):  # every expert serves exactly K*N/E tokens: f_e = 1
+        gates[n, [(2 * n) % E, (2 * n + 1) % E]] = 0.7
+    assert remoe_l1(gates, K).item() == pytest.approx(gates.sum().item() / N)
+
+
+def test_remoe_controller_reaches_and_holds_the_target_sparsity():
+    """A toy regression through one ReMoE layer, λ from the paper's defaults (λ0 = 1e-8, α = 1.2).
+    The inputs share a mean direction, as a transformer's hidden states do (with zero-mean inputs
+    no linear router without bias can be sparser than 1/2)."""
+    E, K, D, steps = 8, 1, 16, 300
+    moe, _ = remoe_layer(E=E, K=K, D=D, H=16, seed=0)
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, D) + 2 * torch.randn(D)
+    teacher = nn.Sequential(nn.Linear(D, 64), nn.Tanh(), nn.Linear(64, D))
+    with torch.no_grad():
+        target = teacher(x)
+    opt = torch.optim.AdamW(moe.parameters(), lr=3e-3)
+    sparsity, lam = [], [moe.router.lam.item()]
+    for _ in range(steps):
+        y, aux_loss, stats, _ = moe(x, None)
+        ((y - target).square().mean() + aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        moe.router.update(stats['sparsity'])
+        sparsity.append(stats['sparsity'].item())
+        lam.append(moe.router.lam.item())
+    goal = 1 - K / E
+    settled = next(i for i, s in enumerate(sparsity) if abs(s - goal) <= 0.02)
+    assert 50 < settled < 150  # λ must first grow ~1e6-fold at ×1.2 a step: about 80 steps
+    tail = torch.tensor(sparsity[-100:])
+    assert abs(tail.mean().item() - goal) <= 0.02
+    assert ((tail - goal).abs() <= 0.02).float().mean() >= 0.75
+    for before, after, s in zip(lam, lam[1:], sparsity):  # exactly ×α when too dense, ÷α otherwise
+        assert after == pytest.approx(before * (1.2 if s < goal else 1 / 1.2), rel=1e-6)
+
+
+def test_remoe_lambda_survives_checkpoints_casts_and_eval():
+    config = GPTConfig(n_layer=2, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=1, router='remoe',
+                       block_size=8, vocab_size=32, remoe_lambda0=1e-8)
+    model = GPT(config)
+    for _ in range(7):
+        model.update_routers(torch.tensor(0.1))  # too dense: λ grows
+    lam = model.router_lambda()
+    assert lam == pytest.approx(1e-8 * 1.2**7, rel=1e-6)
+    idx = torch.randint(0, 32, (2, 8))
+    model.eval()
+    model(idx, idx)
+    model.generate(idx[:, :2], 3)
+    model.train()
+    model(idx, idx)
+    assert model.router_lambda() == lam  # only update_routers moves λ
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = GPT(config)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.router_lambda() == lam
+    fresh.to(torch.bfloat16)
+    lams = [b.mlp.router.lam for b in fresh.transformer.h]
+    assert all(t.dtype == torch.float32 and t.item() == lam for t in lams)
+    assert fresh.lm_head.weight.dtype == torch.bfloat16
+
+
+# -----------------------------------------------------------------------------
+# RMoE: the recurrent router
+
+
+def rmoe_routers(router='topk', n_layer=3, seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(n_layer=n_layer, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=2, router=router,
+                       recurrent_router=True, rmoe_dim=6, block_size=8, vocab_size=32)
+    model = GPT(config)
+    return model, [b.mlp.router for b in model.transformer.h]
+
+
+@pytest.mark.parametrize('router', ['topk', 'remoe'])
+def test_rmoe_recurrent_gradient_reaches_the_first_projector_unless_detached(router):
+    _, routers = rmoe_routers(router)
+    xs = [torch.randn(5, 8) for _ in routers]  # independent inputs: only the state links the layers
+    w = torch.randn(5, 4)
+    for detach in (False, True):
+        state = None
+        for r, x in zip(routers, xs):
+            gates, _, _, state = r(x, state.detach() if detach and state is not None else state)
+        (grad,) = torch.autograd.grad((gates * w).sum(), routers[0].proj.weight, allow_unused=True)
+        if detach:
+            assert grad is None or torch.count_nonzero(grad) == 0
+        else:
+            assert grad is not None and grad.abs().sum() > 0
+
+
+def test_rmoe_shares_one_gru_and_counts_it_once():
+    model, routers = rmoe_routers(n_layer=3)
+    assert routers[0].gru is routers[1].gru is routers[2].gru
+    p, D, E = 6, 8, 4
+    gru = 3 * (2 * p * p + 2 * p)
+    per_layer = p * D + p * E  # projector and router
+    n_router = sum(x.numel() for n, x in model.named_parameters() if '.router.' in n)
+    assert n_router == 3 * per_layer + gru
+    assert routers[0].gru.weight_ih.std().item() == pytest.approx(0.02, rel=0.3)  # explicit init
+
+
+def test_rmoe_state_passes_through_dense_layers():
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=4, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=2, moe_every=2,
+                       recurrent_router=True, rmoe_dim=6, block_size=8, vocab_size=32)
+    model = GPT(config)
+    idx = torch.randint(0, 32, (2, 8))
+    _, loss, info = model(idx, idx)
+    assert info['load'].shape == (2, 4)
+    loss.backward()
+    first_proj = model.transformer.h[1].mlp.router.proj.weight  # block 1 is the first MoE block
+    assert first_proj.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# expert prototyping
+
+
+@st.composite
+def prototype_setups(draw):
+    K = draw(st.integers(1, 4))
+    return dict(N=draw(st.integers(1, 24)), D=draw(st.integers(1, 8)), K=K, m=draw(st.integers(1, 4)),
+                renorm=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def build_prototype(N, D, K, m, renorm, seed, **kw):
+    torch.manual_seed(seed)
+    config = GPTConfig(n_embd=D, n_head=1, n_layer=1, n_expert=K * m, top_k=K, router='prototype',
+                       router_renorm=renorm, **kw)
+    return make_router(config), torch.randn(N, D)
+
+
+@given(prototype_setups())
+def test_prototype_picks_exactly_one_expert_per_group(s):
+    router, x = build_prototype(**s)
+    gates, _, stats, _ = router(x)
+    N, K, m = s['N'], s['K'], s['m']
+    groups = gates.view(N, K, m)
+    assert ((groups > 0).sum(-1) == 1).all()  # one per group, so K per token
+    probs = router.w_g(x).view(N, K, m).softmax(-1)
+    if s['renorm']:
+        assert torch.allclose(gates.sum(-1), torch.ones(N), atol=1e-5)
+    else:  # each weight is its group's top-1 probability: in [1/m, 1]
+        assert torch.allclose(groups.max(-1).values, probs.max(-1).values)
+        assert (groups.sum(-1) >= 1 / m - 1e-6).all()
+
+
+def test_prototype_with_one_group_is_switch_top1():
+    torch.manual_seed(0)
+    proto, x = build_prototype(N=16, D=6, K=1, m=8, renorm=False, seed=0)
+    config = GPTConfig(n_embd=6, n_head=1, n_layer=1, n_expert=8, top_k=1, router='topk')
+    topk = make_router(config)
+    topk.load_state_dict(proto.state_dict())
+    g1, a1, _, _ = proto(x)
+    g2, a2, _, _ = topk(x)
+    assert torch.equal(g1, g2) and a1.item() == pytest.approx(a2.item())
+
+
+def test_prototype_with_k_equal_E_sums_all_experts_and_the_router_learns_nothing():
+    router, x = build_prototype(N=5, D=4, K=4, m=1, renorm=False, seed=1, aux_loss_coef=0.0)
+    gates, _, _, _ = router(x)
+    assert torch.equal(gates, torch.ones(5, 4))
+    y = moe_ffn(x, gates, torch.randn(4, 4, 6), torch.randn(4, 3, 4), 'loop')
+    (grad,) = torch.autograd.grad(y.sum(), router.w_g.weight)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_prototype_balance_loss_is_K_under_uniform_routing_and_per_group():
+    K, m, N = 3, 4, 12
+    router, _ = build_prototype(N=N, D=4, K=K, m=m, renorm=False, seed=0, aux_loss_coef=1.0)
+    with torch.no_grad():
+        router.w_g.weight.zero_()  # uniform probabilities inside every group
+    # tokens spread evenly: token n picks expert n % m in each group (ties broken by the bias below)
+    x = torch.eye(4)[torch.arange(N) % m] * 10
+    with torch.no_grad():
+        for j in range(K):
+            router.w_g.weight[j * m:(j + 1) * m] = 1e-6 * torch.eye(m, 4)
+    gates, aux_loss, _, _ = router(x)
+    assert ((gates > 0).sum(0) == N // m).all()
+    assert aux_loss.item() == pytest.approx(K, rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# capacity
+
+
+@pytest.mark.parametrize('router', ['topk', 'prototype'])
+@given(N=st.integers(1, 40), cf=st.floats(0.1, 2.0), seed=st.integers(0, 2**16))
+def test_capacity_is_never_exceeded_and_a_large_factor_drops_nothing(router, N, cf, seed):
+    E, K = 8, 2
+    outs = {}
+    for factor in (cf, float(E), 0.0):
+        torch.manual_seed(seed)
+        config = GPTConfig(n_embd=6, n_head=1, n_layer=1, n_expert=E, top_k=K, router=router,
+                           capacity_factor=factor)
+        r = make_router(config)
+        x = torch.randn(N, 6) + 3 * torch.randn(6)  # a shared direction: unbalanced routing
+        outs[factor] = r(x)
+    gates, _, stats, _ = outs[cf]
+    assert ((gates > 0).sum(0) <= math.ceil(cf * K * N / E)).all()
+    assert stats['dropped'].item() == pytest.approx(1 - (gates > 0).sum().item() / (N * K))
+    assert torch.equal(outs[float(E)][0], outs[0.0][0])  # capacity K*N: nothing to drop
+    assert outs[float(E)][2]['dropped'].item() == 0
+
+
+def test_capacity_fills_first_choices_before_second_choices():
+    choices = torch.zeros(2, 3, 2)
+    choices[0, :, 0] = 1  # all three tokens pick expert 0 first...
+    choices[1, 0, 1] = choices[1, 1, 1] = 1  # ...and tokens 0, 1 pick expert 1 second
+    choices[1, 2, 1] = 1
+    keep = capacity_keep(choices, capacity=2)
+    assert keep.tolist() == [[True, True], [True, True], [False, False]]
+
+
+def test_capacity_drops_in_one_group_leave_other_groups_alone():
+    N, K, m = 16, 2, 4
+    router, x = build_prototype(N=N, D=6, K=K, m=m, renorm=False, seed=0, capacity_factor=1.0)
+    gates, _, _, _ = router(x)
+    with torch.no_grad():
+        router.w_g.weight[:m] = 0
+        router.w_g.weight[0] = 5 * x.mean(0)  # group 0: everything to expert 0, far over capacity
+    crowded, _, stats, _ = router(x)
+    assert stats['dropped'] > 0
+    assert torch.equal(crowded[:, m:], gates[:, m:])
+
+
+def test_capacity_is_a_training_time_rule():
+    router, x = build_prototype(N=16, D=6, K=2, m=4, renorm=False, seed=0, capacity_factor=0.25)
+    router.eval()
+    gates, _, stats, _ = router(x)
+    assert ((gates > 0).sum(-1) == 2).all() and stats['dropped'].item() == 0
+
+
+# -----------------------------------------------------------------------------
+# granularity and invalid combinations
+
+
+@pytest.mark.parametrize('router', ['topk', 'remoe', 'prototype'])
+def test_granularity_keeps_total_and_active_parameters(router):
+    def build(G):
+        return GPT(GPTConfig(n_layer=2, n_head=1, n_embd=8, ffn_hidden=16, n_expert=4, top_k=2, router=router,
+                             expert_granularity=G, block_size=8, vocab_size=32))
+    coarse, fine = build(1), build(4)
+    E, K, H = fine.config.moe_shape()
+    assert (E, K, H) == (16, 8, 4)
+    router_params = lambda m: sum(p.numel() for n, p in m.named_parameters() if '.router.' in n)
+    for active in (False, True):  # only the routers grow: one column per expert
+        assert fine.num_params(active) - router_params(fine) == coarse.num_params(active) - router_params(coarse)
+    if router == 'remoe':
+        assert fine.transformer.h[0].mlp.router.target_sparsity == 1 - 2 / 4
+
+
+@pytest.mark.parametrize('kw, needle', [
+    (dict(router='remoe', capacity_factor=1.25), "capacity_factor=1.25 with router='remoe'"),
+    (dict(router='remoe', router_renorm=True), "router_renorm=True with router='remoe'"),
+    (dict(router='prototype', n_expert=8, top_k=3), "router='prototype' needs top_k=3"),
+    (dict(expert_granularity=3, ffn_hidden=16), 'expert_granularity=3'),
+    (dict(capacity_factor=-1.0), 'capacity_factor=-1.0'),
+])
+def test_invalid_router_options_are_one_line_errors(kw, needle):
+    config = GPTConfig(n_embd=8, n_head=1, **{'n_expert': 8, 'top_k': 2, **kw})
+    with pytest.raises(ValueError) as e:
+        config.validate()
+    assert needle in str(e.value) and '\n' not in str(e.value)

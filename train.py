@@ -40,9 +40,12 @@ always_save_checkpoint = True  # else only when val loss improves
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 sample_tokens = 200  # at the end, print a sample this long (0 = none)
 # data
-dataset = 'shakespeare'  # 'shakespeare' or 'textfiles'
+dataset = 'shakespeare'  # 'shakespeare', 'textfiles' or 'web'
 data_files = ''  # for dataset='textfiles': a file, a folder or a glob
 data_dir = 'data'
+hf_name = data.HF_NAME  # for dataset='web': a Hugging Face dataset (needs internet) or builder
+hf_files = ''  # for dataset='web': local data files for the builder (e.g. hf_name='json')
+hf_max_tokens = 2_000_000_000  # for dataset='web': tokens to prepare, val included
 gradient_accumulation_steps = 1
 batch_size = 16
 block_size = 128
@@ -56,11 +59,17 @@ rope_theta = 10000.0
 moe_every = 1  # every moe_every-th block is MoE; 0 = a dense model
 n_expert = 8
 top_k = 2
-router = 'topk'
+router = 'topk'  # 'topk', 'remoe' (ReLU + adaptive L1), 'prototype' (K groups, top-1 in each)
+recurrent_router = False  # RMoE: router logits from a GRU shared across layers
+rmoe_dim = 128  # RMoE: projector and GRU width
 expert_impl = 'auto'  # 'loop' (readable reference), 'grouped', 'auto'
-aux_loss_coef = 0.01  # Switch load-balancing loss
+expert_granularity = 1  # G: E*G experts of hidden H/G with K*G active
+capacity_factor = 0.0  # topk/prototype: expert capacity = cf * K * N / E; 0 = dropless
+aux_loss_coef = 0.01  # Switch load-balancing loss (topk, prototype)
 z_loss_coef = 0.0  # router z-loss
-router_renorm = False  # top-k: renormalise the kept gates to sum to 1
+router_renorm = False  # topk/prototype: renormalise the kept gates to sum to 1
+remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
+remoe_alpha = 1.2  # ReMoE: multiplicative step of the coefficient
 # AdamW optimizer
 learning_rate = 2e-3
 max_iters = 300
@@ -186,7 +195,10 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 
 try:  # rank 0 prepares the dataset on first use, the others wait for it
-    folder = data.prepare(dataset, data_dir, files=data_files) if dist.master else os.path.join(data_dir, dataset)
+    if dist.master:
+        data.prepare(dataset, data_dir, files=data_files, hf_name=hf_name, hf_files=hf_files,
+                     max_tokens=hf_max_tokens)
+    folder = data.dataset_folder(dataset, data_dir, hf_name=hf_name, hf_files=hf_files)
     distributed.barrier(dist)
     splits = {split: data.load_split(folder, split) for split in ('train', 'val')}
     for split, tokens in splits.items():
@@ -272,20 +284,27 @@ def estimate_loss():
     return out
 
 
-def routing_log(info):
-    """Per-layer routing health for the log: expert load spread, active experts, entropy."""
+def routing_log(info, sparsity):
+    """Per-layer routing health for the log: expert load spread, active experts, entropy, drops,
+    and the sparsity that drives ReMoE's controller (overall, as the controller saw it, and per layer)."""
     if 'load' not in info:
         return {}
     load = info['load'].float()  # [L_moe, E] fraction of tokens using each expert
     mean = load.mean(-1).clamp_min(1e-9)
     r = lambda t: [round(v, 4) for v in t.tolist()]
-    return {
+    record = {
+        'sparsity': round(sparsity.item(), 5),
+        'sparsity_per_layer': r(info['sparsity'].float()),
         'load_min': r(load.min(-1).values / mean),  # 1.0 everywhere = perfectly balanced
         'load_max': r(load.max(-1).values / mean),
         'load_cv': r(load.std(-1, correction=0) / mean),
         'active_experts': r(info['active'].float()),
         'router_entropy': r(info['entropy'].float()),
+        'dropped': r(info['dropped'].float()),
     }
+    if raw_model.router_lambda() is not None:
+        record['lambda'] = raw_model.router_lambda()
+    return record
 
 
 def log(record):
@@ -340,6 +359,7 @@ while True:
     if last or eval_only or stop_signal:
         break
 
+    sparsity = torch.zeros((), device=device)  # of this step's training forwards, MoE layers only
     for micro_step in range(gradient_accumulation_steps):
         if dist.world_size > 1:  # DDP: average gradients only after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
@@ -348,12 +368,17 @@ while True:
             _, loss, info = model(X, Y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
+        if 'sparsity' in info:
+            sparsity += info['sparsity'].float().mean() / gradient_accumulation_steps
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    # ReMoE eq. 7 runs here, once per optimizer step, from the sparsity of this step only
+    sparsity = distributed.all_reduce_mean(sparsity, dist)
+    raw_model.update_routers(sparsity)
     timed_iters += 1
 
     if iter_num % log_interval == 0 and dist.master:
@@ -364,7 +389,7 @@ while True:
         lossf = loss.item() * gradient_accumulation_steps
         record = {'iter': iter_num, 'loss': lossf, 'lm_loss': info['lm_loss'].item(),
                   'aux_loss': info['aux_loss'].item(), 'lr': lr, 'tokens_per_sec': round(tokens_per_sec),
-                  'mfu': round(mfu, 4), **routing_log(info)}
+                  'mfu': round(mfu, 4), **routing_log(info, sparsity)}
         log(record)
         print(f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt / n_iters:.0f}ms/iter, "
               f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%")

@@ -1,0 +1,20 @@
+# Expert prototyping (M6-T) on Shakespeare: 8 experts in 2 groups of 4, top-1 inside each group,
+# the two outputs summed (weights not renormalised). Dropless here; --capacity_factor=1.25 turns
+# on M6-T's capacity and token dropping (dropped fractions appear in log.jsonl).
+# Hardware: 2 CPU cores, about 7 minutes (python train.py config/prototype.py).
+# Same experts and active parameters per token as configs/topk.py.
+out_dir = 'out-prototype'
+eval_interval = 100
+eval_iters = 10
+max_iters = 300
+batch_size = 16
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+ffn_hidden = 256
+moe_every = 1
+n_expert = 8
+top_k = 2  # groups
+router = 'prototype'
+aux_loss_coef = 0.01  # Switch loss inside each group

@@ -1,0 +1,21 @@
+# ReMoE on Shakespeare: ReLU routing over 8 experts, held at 2 active per token on average by the
+# load-balanced L1 penalty whose coefficient λ adapts online (target sparsity 1 - 2/8 = 0.75).
+# Hardware: 2 CPU cores, about 8 minutes (python train.py config/remoe.py). The first ~100 steps
+# run denser than top-2 (ReMoE's stages I and II) and so a little slower.
+# Same experts and active parameters per token as configs/topk.py.
+out_dir = 'out-remoe'
+eval_interval = 100
+eval_iters = 10
+max_iters = 300
+batch_size = 16
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+ffn_hidden = 256
+moe_every = 1
+n_expert = 8
+top_k = 2  # the average the controller aims for
+router = 'remoe'
+remoe_lambda0 = 1e-8  # paper defaults
+remoe_alpha = 1.2
