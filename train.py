@@ -4,6 +4,7 @@ Train a GPT with Mixture-of-Experts layers. nanoGPT's loop, knobs and names.
     python train.py                                 # defaults below: a small top-k MoE on Shakespeare
     python train.py config/remoe.py --max_iters=100 # a config file, then --key=value overrides
     torchrun --standalone --nproc_per_node=2 train.py config/topk.py
+    torchrun --standalone --nproc_per_node=2 train.py config/remoe.py --ep_size=2 --compile=False
 
 A config file is plain Python assignments exec'd over the defaults below; it may be written as
 configs/topk.py, config/topk.py or just topk. Every value, from a file or the command line, must
@@ -25,6 +26,7 @@ import torch
 
 import data
 import distributed
+from experts import EXPERT_IMPLS, resolve_impl
 from model import GPT, CheckpointError, GPTConfig, device_peak_flops, load_checkpoint, model_from_checkpoint
 from model import save_checkpoint
 
@@ -87,12 +89,16 @@ device = ''  # '' = cuda if available, else cpu
 dtype = ''  # '' = bfloat16 on a GPU that supports it, else float32
 compile = True  # torch.compile the whole model (fullgraph)
 seed = 1337
+# several processes (torchrun)
+ep_size = 1  # expert parallelism: this many ranks share the experts of each MoE layer (1 = none)
+dist_timeout = 300.0  # seconds a collective may wait for a peer before the run stops (a dead rank)
 # -----------------------------------------------------------------------------
 
 
 def die(msg):
     """Bad input ends the run with one line on stderr and exit code 2: no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    if int(os.environ.get('RANK', 0)) == 0:  # under torchrun, one line from rank 0, not one per rank
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -169,6 +175,11 @@ dtype = dtype or ('bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype={dtype!r} is not float32, bfloat16 or float16")
 lr_decay_iters = lr_decay_iters or max_iters
+if moe_every > 0 and expert_impl in EXPERT_IMPLS:  # a dispatch backend this device cannot run
+    try:
+        resolve_impl(expert_impl, 'cuda' if device.startswith('cuda') else device)
+    except ValueError as e:
+        die(str(e))
 if compile and expert_impl == 'loop' and moe_every > 0:
     die("expert_impl='loop' is the eager reference and does not compile: use --compile=False "
         "or --expert_impl=grouped")
@@ -178,10 +189,24 @@ try:
     GPTConfig(**model_args).validate()
 except ValueError as e:
     die(str(e))
+# --- expert parallelism: checks before any process group exists ---
+if ep_size != 1:
+    if moe_every == 0:
+        die(f"ep_size={ep_size} needs MoE layers (moe_every > 0)")
+    problem = distributed.check_ep_size(ep_size, int(os.environ.get('WORLD_SIZE', 1)),
+                                        GPTConfig(**model_args).moe_shape()[0])
+    if problem:
+        die(problem)
+    if compile:  # the all-to-all's split sizes are data-dependent host values
+        die(f"ep_size={ep_size} runs eagerly: add --compile=False")
+if dist_timeout <= 0:
+    die(f"dist_timeout={dist_timeout} must be > 0 seconds")
+# --- end expert parallelism checks ---
 
 # -----------------------------------------------------------------------------
 # processes, devices, data
-dist = distributed.init(device)
+dist = distributed.init(device, ep_size, dist_timeout)
+distributed.exit_on_lost_peer(dist)  # a dead peer: one line and exit, not a hang
 device = dist.device
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 tokens_per_iter = gradient_accumulation_steps * dist.world_size * batch_size * block_size
@@ -209,12 +234,19 @@ except data.DataError as e:
     die(str(e))
 
 # Training batches come from their own generator, saved in checkpoints: a resumed run sees the
-# same batches it would have seen had it never stopped. Each rank draws different batches.
-data_gen = torch.Generator().manual_seed(seed + dist.rank)
+# same batches it would have seen had it never stopped. Every rank draws the same global batch of
+# world_size * batch_size rows and keeps its own rows: so one generator state (rank 0's, in the
+# checkpoint) resumes every rank, and N processes see the batches of one process with N times
+# the batch_size.
+data_gen = torch.Generator().manual_seed(seed)
 
 
 def get_batch(split, generator):
-    return data.get_batch(splits[split], batch_size, block_size, generator, device)
+    if dist.world_size == 1:
+        return data.get_batch(splits[split], batch_size, block_size, generator, device)
+    x, y = data.get_batch(splits[split], batch_size * dist.world_size, block_size, generator)
+    rows = slice(dist.rank * batch_size, (dist.rank + 1) * batch_size)
+    return x[rows].to(device), y[rows].to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +266,8 @@ model.to(device)
 raw_model = model  # the uncompiled, unwrapped module: its state_dict has no prefixes
 if dist.master:
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active")
+flops_per_token = raw_model.flops_per_token()  # of the full model, before EP keeps a slice here
+distributed.apply_expert_parallel(raw_model, dist)  # ep_size > 1: this rank's experts only
 
 # AdamW with weight decay on matrices only: norms' gains are 1-d and are not decayed
 params = [p for p in model.parameters() if p.requires_grad]
@@ -243,7 +277,8 @@ optimizer = torch.optim.AdamW([
 ], lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
+    # checkpoints hold full experts: keep this rank's slice of their moments (any ep_size)
+    optimizer.load_state_dict(distributed.shard_optimizer_state(ckpt['optimizer'], optimizer, raw_model, dist))
     torch.set_rng_state(ckpt['rng']['torch'])
     data_gen.set_state(ckpt['rng']['data'])
     ckpt = None  # free memory
@@ -313,9 +348,14 @@ def log(record):
 
 
 def checkpoint():
+    # every rank calls: the expert slices are gathered (collective); rank 0 writes the full model
+    model_state = distributed.full_state_dict(raw_model, dist)
+    optimizer_state = distributed.full_optimizer_state(optimizer, raw_model, dist)
+    if not dist.master:
+        return
     save_checkpoint({
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
+        'model': model_state,
+        'optimizer': optimizer_state,
         'model_args': asdict(raw_model.config),
         'config': config,
         'iter_num': iter_num,
@@ -347,15 +387,19 @@ while True:
 
     if iter_num % eval_interval == 0 or last or stop_signal:
         losses = estimate_loss()
+        # every rank evaluated its own rows: the mean over ranks, so all ranks decide alike
+        losses = dict(zip(losses, distributed.all_reduce_mean(torch.tensor(list(losses.values())), dist).tolist()))
         if dist.master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
-            improved = losses['val'] < best_val_loss
-            if (improved or always_save_checkpoint or stop_signal) and (iter_num > 0 or last):
-                best_val_loss = min(best_val_loss, losses['val'])
-                checkpoint()
+        improved = losses['val'] < best_val_loss
+        if (improved or always_save_checkpoint or stop_signal) and (iter_num > 0 or last):
+            best_val_loss = min(best_val_loss, losses['val'])
+            checkpoint()
+            if dist.master:
                 print(f"saved checkpoint to {out_dir}/ckpt.pt")
         t0, timed_iters = time.time(), 0  # evaluation time is not training time
+        distributed.a2a_stats.update(bytes=0, seconds=0.0)  # nor is its all-to-all
     if last or eval_only or stop_signal:
         break
 
@@ -370,9 +414,10 @@ while True:
         scaler.scale(loss).backward()
         if 'sparsity' in info:
             sparsity += info['sparsity'].float().mean() / gradient_accumulation_steps
+    distributed.sync_expert_grads(raw_model, dist)  # EP: expert grads to DDP's mean over ranks
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        distributed.clip_grad_norm_(raw_model, grad_clip, dist)  # EP: the norm of the full gradient
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -381,24 +426,40 @@ while True:
     raw_model.update_routers(sparsity)
     timed_iters += 1
 
+    if iter_num % log_interval == 0 and dist.world_size > 1:
+        # logged numbers are global: each rank's loss and routing stats, averaged over ranks
+        # (all of them are means over equally many tokens); every rank takes part
+        loss = distributed.all_reduce_mean(loss.detach(), dist)
+        info = {k: distributed.all_reduce_mean(v.float(), dist) for k, v in info.items()}
     if iter_num % log_interval == 0 and dist.master:
         t1 = time.time()
         dt, n_iters, t0, timed_iters = t1 - t0, timed_iters, t1, 0  # time per iteration since the last log
         tokens_per_sec = n_iters * tokens_per_iter / dt
-        mfu = raw_model.flops_per_token() * tokens_per_sec / (peak_flops * dist.world_size)
+        mfu = flops_per_token * tokens_per_sec / (peak_flops * dist.world_size)
         lossf = loss.item() * gradient_accumulation_steps
         record = {'iter': iter_num, 'loss': lossf, 'lm_loss': info['lm_loss'].item(),
                   'aux_loss': info['aux_loss'].item(), 'lr': lr, 'tokens_per_sec': round(tokens_per_sec),
                   'mfu': round(mfu, 4), **routing_log(info, sparsity)}
+        if dist.ep_size > 1:  # rank 0's expert all-to-alls (forward + backward) per iteration
+            a2a = distributed.a2a_stats
+            record.update(a2a_ms=round(1000 * a2a['seconds'] / n_iters, 3), a2a_mb=round(a2a['bytes'] / n_iters / 1e6, 4))
         log(record)
         print(f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt / n_iters:.0f}ms/iter, "
               f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+    if iter_num % log_interval == 0:
+        distributed.a2a_stats.update(bytes=0, seconds=0.0)
     iter_num += 1
 
-if dist.master and sample_tokens > 0 and not stop_signal:
+if sample_tokens > 0 and not stop_signal:
     from sample import generate_text
-    print('-' * 40)
-    print(generate_text(raw_model, '\n', num_samples=1, max_new_tokens=sample_tokens, device=device)[0])
+    sampler = raw_model
+    if dist.ep_size > 1:  # sampling runs on rank 0 alone: it needs all the experts (collective)
+        full_state = distributed.full_state_dict(raw_model, dist)
+        sampler = GPT(GPTConfig(**asdict(raw_model.config))).to(device)
+        sampler.load_state_dict(full_state)
+    if dist.master:
+        print('-' * 40)
+        print(generate_text(sampler, '\n', num_samples=1, max_new_tokens=sample_tokens, device=device)[0])
 distributed.destroy(dist)
 if stop_signal:
     sys.exit(128 + stop_signal)
