@@ -442,7 +442,8 @@ while True:
                   'mfu': round(mfu, 4), **routing_log(info, sparsity)}
         if dist.ep_size > 1:  # rank 0's expert all-to-alls (forward + backward) per iteration
             a2a = distributed.a2a_stats
-            record.update(a2a_ms=round(1000 * a2a['seconds'] / n_iters, 3), a2a_mb=round(a2a['bytes'] / n_iters / 1e6, 4))
+            record.update(a2a_ms=round(1000 * a2a['seconds'] / n_iters, 3),
+                          a2a_mb=round(a2a['bytes'] / n_iters / 1e6, 4))
         log(record)
         print(f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt / n_iters:.0f}ms/iter, "
               f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%")
