@@ -14,17 +14,26 @@ whose gate is zero, so the gradient of a zero gate is exactly 0: zero means "not
 
 Backends (all compute the same function, selected by the expert_impl string):
     loop:    one matmul per expert over the tokens it was given. The readable reference.
-    grouped: sort the pairs by expert, one F.grouped_mm per weight, weighted scatter-add back.
+    grouped: sort the pairs by expert, one F.grouped_mm per weight (on CPU one mm per expert,
+             which is what grouped_mm does there anyway), weighted scatter-add back.
              Wrapped as torch.library custom ops so torch.compile(fullgraph=True) sees no
              data-dependent shapes.
+    triton:  kernels.py: the GEMMs gather token rows inside the kernel (no permuted copy of x),
+             the gate is applied in the GEMM's epilogue and each token's rows are summed in a
+             fixed order (deterministic, no atomics). Same custom-op shape as grouped. CUDA only,
+             or CPU under TRITON_INTERPRET=1 (the tests).
 """
+
+import importlib.util
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-EXPERT_IMPLS = ('loop', 'grouped', 'auto')
+EXPERT_IMPLS = ('loop', 'grouped', 'triton', 'auto')
+_HAS_TRITON = importlib.util.find_spec('triton') is not None  # not on macOS or Windows
 
 
 def swiglu(h):
@@ -33,13 +42,23 @@ def swiglu(h):
     return F.silu(gate) * up
 
 
-def resolve_impl(impl: str, device_type: str) -> str:
-    """Turn the expert_impl config string into the backend that runs on device_type."""
+def check_impl(impl: str):
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl={impl!r} is not one of {', '.join(EXPERT_IMPLS)}")
+
+
+def resolve_impl(impl: str, device_type: str) -> str:
+    """Turn the expert_impl config string into the backend that runs on device_type."""
+    check_impl(impl)
     if impl == 'auto':
-        # grouped everywhere for now; CUDA will prefer 'triton' once kernels.py exists
-        return 'grouped'
+        return 'triton' if device_type == 'cuda' and _HAS_TRITON else 'grouped'
+    if impl == 'triton':
+        if not _HAS_TRITON:
+            raise ValueError("expert_impl='triton' needs the triton package (Linux): use 'grouped'")
+        # the interpreter runs each kernel program in Python: right for tests, hopeless for training
+        if device_type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
+            raise ValueError(f"expert_impl='triton' needs a CUDA device, not {device_type} (on CPU the "
+                             f"kernels only run under TRITON_INTERPRET=1, far too slow to train): use 'grouped'")
     return impl
 
 # -----------------------------------------------------------------------------
@@ -77,6 +96,14 @@ def _pad_last(t, n):
 def _gmm(a, b, offs):
     """Per expert e: a[rows of e] @ b[e].
     a [M, Q] rows sorted by expert, b [E, Q, P], offs [E] int32 end row of each expert -> [M, P]."""
+    if a.device.type == 'cpu':
+        # On CPU grouped_mm is itself a loop over the experts; one mm per expert written straight
+        # into its rows of the output skips grouped_mm's alignment padding and zero-filling.
+        out, start = a.new_empty(a.size(0), b.size(2)), 0
+        for e, end in enumerate(offs.tolist()):
+            torch.mm(a[start:end], b[e], out=out[start:end])
+            start = end
+        return out
     # grouped_mm wants every row stride to be a multiple of 16 bytes (4 fp32, 8 bf16), so odd
     # widths are zero-padded: padding the summed dim Q adds zeros, padded P columns are dropped.
     Q, P = b.shape[1:]
@@ -90,6 +117,12 @@ def _gmm_wgrad(a, b, offs):
     """Per expert e: a[rows of e].T @ b[rows of e], the weight gradient.
     a [M, Q], b [M, P], both sorted by expert, offs [E] -> [E, Q, P]."""
     Q, P = a.size(1), b.size(1)
+    if a.device.type == 'cpu':
+        out, start = a.new_empty(len(offs), Q, P), 0
+        for e, end in enumerate(offs.tolist()):
+            torch.mm(a[start:end].t(), b[start:end], out=out[e])   # no rows: a [Q, 0] @ [0, P] = 0
+            start = end
+        return out
     a, b = _pad_last(a, _align(Q, a)), _pad_last(b, _align(P, b))
     # a.t() must stay a transposed *view*: its row stride is then Q, while .contiguous() would make
     # it M, which is not 16-byte aligned in general
@@ -142,15 +175,18 @@ def grouped_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_in: Tensor, w_o
     dys = dy[token]                                                          # [M, D]
     # y_n = sum g * o, so dL/dg = <dy_n, o> and the expert output receives g * dy_n
     dg = (dys * o).sum(1)                                                    # [M]
-    do = dys * g[:, None]                                                    # [M, D]
+    do = dys.mul_(g[:, None])                                                # [M, D], in place
     hg, hu = h.chunk(2, dim=1)                                               # [M, H] each
     silu_hg = F.silu(hg)
     dw_out = _gmm_wgrad(silu_hg * hu, do, offs)                              # [E, H, D]
     da = _gmm(do, w_out.to(x.dtype).transpose(1, 2), offs)                   # [M, H]
-    # swiglu backward, a = silu(hg) * hu. aten's fused silu_backward is several times faster on CPU
-    # than spelling out silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), in elementwise ops
-    dhg = torch.ops.aten.silu_backward(da * hu, hg)                          # [M, H]
-    dh = torch.cat([dhg, da * silu_hg], dim=1)                               # [M, 2H]
+    # swiglu backward, a = silu(hg) * hu, written straight into the two halves of dh (no cat).
+    # aten's fused silu_backward is several times faster on CPU than spelling out
+    # silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), in elementwise ops
+    dh = torch.empty_like(h)                                                 # [M, 2H]
+    H = hg.size(1)
+    torch.ops.aten.silu_backward.grad_input(da * hu, hg, grad_input=dh[:, :H])
+    torch.mul(da, silu_hg, out=dh[:, H:])
     xs = x[token]                                                            # [M, D]
     dw_in = _gmm_wgrad(xs, dh, offs)                                         # [E, D, 2H]
     dxs = _gmm(dh, w_in.to(x.dtype).transpose(1, 2), offs)                   # [M, D]
@@ -184,7 +220,7 @@ grouped_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 def moe_ffn(x, gates, w_in, w_out, impl: str):
     """y [N, D] = sum_e gates[:, e] * FFN_e(x), x [N, D], gates [N, E], w_in [E, D, 2H], w_out [E, H, D].
-    impl is a resolved backend name ('loop' or 'grouped'), see resolve_impl."""
+    impl is a resolved backend name ('loop', 'grouped' or 'triton'), see resolve_impl."""
     if impl == 'loop':
         return _loop_ffn(x, gates, w_in, w_out)
     if impl == 'grouped':
@@ -195,7 +231,14 @@ def moe_ffn(x, gates, w_in, w_out, impl: str):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return grouped_ffn(x, gates, w_in, w_out)[0]
-    raise ValueError(f"moe_ffn impl={impl!r} is not a resolved backend (loop, grouped)")
+    if impl == 'triton':
+        # imported on first use: kernels.py needs triton, and TRITON_INTERPRET must be set before
+        # its import; a machine without triton never gets here (resolve_impl says why)
+        import kernels
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return kernels.triton_ffn(x, gates, w_in, w_out)[0]
+    raise ValueError(f"moe_ffn impl={impl!r} is not a resolved backend (loop, grouped, triton)")
 
 
 class Experts(nn.Module):
@@ -203,7 +246,7 @@ class Experts(nn.Module):
 
     def __init__(self, n_expert: int, n_embd: int, hidden: int, impl: str = 'auto'):
         super().__init__()
-        resolve_impl(impl, 'cpu')  # fail fast on a typo; the real choice waits for forward's device
+        check_impl(impl)  # fail fast on a typo; the real choice waits for forward's device
         self.impl = impl
         # gate and up projections fused: columns [:H] feed silu, [H:] are the linear "up" branch
         self.w_in = nn.Parameter(torch.empty(n_expert, n_embd, 2 * hidden))   # [E, D, 2H]

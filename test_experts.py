@@ -1,18 +1,34 @@
 """
 Tests for experts.py: every backend against the loop reference, forward and all four gradients,
-including degenerate routings; the loop reference against a dense brute-force formula; and the
-grouped backend under torch.compile(fullgraph=True) without recompiling as the routing changes.
+including degenerate routings; the loop reference against a dense brute-force formula; the
+grouped backend under torch.compile(fullgraph=True) without recompiling as the routing changes;
+and the whole model compiled with every router, trained a few steps, equal to eager.
 
+Without a GPU the triton backend runs under Triton's interpreter (slow: shapes stay small).
 Shape legend as in experts.py: N tokens, E experts, K active per token, D width, H expert hidden.
 """
 
-import pytest
+import copy
+import importlib.util
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # read when kernels.py is imported, so before anything imports it
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import pytest
 from hypothesis import given, settings, strategies as st
 
+import routers
 from experts import EXPERT_IMPLS, Experts, grouped_ffn, moe_ffn, resolve_impl, swiglu
+from model import GPT, GPTConfig
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+HAS_TRITON = importlib.util.find_spec('triton') is not None
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+# every fast backend is checked against loop; without triton (macOS) its cases are skipped
+BACKENDS = ['grouped', pytest.param('triton', marks=pytest.mark.skipif(not HAS_TRITON, reason='no triton'))]
 
 
 def make_gates(N, E, active, gen):
@@ -57,32 +73,34 @@ def dense_reference(x, gates, w_in, w_out):
     return torch.einsum('ne,end->nd', gates, o)                         # [N, D]
 
 
-def assert_matches_loop(inputs, dy):
+def assert_matches_loop(inputs, dy, impl='grouped'):
     names = ('y', 'dx', 'dgates', 'dw_in', 'dw_out')
-    for name, got, want in zip(names, run('grouped', inputs, dy), run('loop', inputs, dy)):
-        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
+    for name, got, want in zip(names, run(impl, inputs, dy), run('loop', inputs, dy)):
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{impl} {name}: {m}')
 
 # -----------------------------------------------------------------------------
-# grouped vs loop on random shapes and routings
+# every backend vs loop on random shapes and routings
 
 
-shapes = dict(N=st.integers(1, 40), D=st.integers(1, 24), H=st.integers(1, 16), E=st.integers(1, 16),
+shapes = dict(N=st.integers(1, 32), D=st.integers(1, 24), H=st.integers(1, 16), E=st.integers(1, 64),
               seed=st.integers(0, 2**16))
 
 
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize('impl', BACKENDS)
+@settings(max_examples=12, deadline=None)
 @given(**shapes)
-def test_grouped_matches_loop_relu_routing(N, D, H, E, seed):
+def test_backend_matches_loop_relu_routing(impl, N, D, H, E, seed):
     gen = torch.Generator().manual_seed(seed)
-    assert_matches_loop(*make_inputs(N, D, H, E, relu_mask(N, E, gen), seed))
+    assert_matches_loop(*make_inputs(N, D, H, E, relu_mask(N, E, gen), seed), impl)
 
 
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize('impl', BACKENDS)
+@settings(max_examples=12, deadline=None)
 @given(**shapes, data=st.data())
-def test_grouped_matches_loop_topk_routing(N, D, H, E, seed, data):
-    K = data.draw(st.integers(1, E), label='K')
+def test_backend_matches_loop_topk_routing(impl, N, D, H, E, seed, data):
+    K = data.draw(st.integers(1, min(E, 8)), label='K')
     gen = torch.Generator().manual_seed(seed)
-    assert_matches_loop(*make_inputs(N, D, H, E, topk_mask(N, E, K, gen), seed))
+    assert_matches_loop(*make_inputs(N, D, H, E, topk_mask(N, E, K, gen), seed), impl)
 
 # -----------------------------------------------------------------------------
 # degenerate routings
@@ -107,19 +125,20 @@ def degenerate_mask(case):
     return active
 
 
+@pytest.mark.parametrize('impl', BACKENDS)
 @pytest.mark.parametrize('case', ['empty_expert', 'one_expert', 'token_without_expert',
                                   'single_token', 'every_expert'])
 @pytest.mark.parametrize('D,H', [(8, 4), (5, 3)])
-def test_degenerate_routings(case, D, H):
+def test_degenerate_routings(case, D, H, impl):
     active = degenerate_mask(case)
     inputs, dy = make_inputs(active.size(0), D, H, active.size(1), active)
-    assert_matches_loop(inputs, dy)
+    assert_matches_loop(inputs, dy, impl)
     if case == 'token_without_expert':
-        y = moe_ffn(*inputs, 'grouped')
+        y = moe_ffn(*inputs, impl)
         assert (y[[3, 7]] == 0).all()                   # such a token keeps only its residual
 
 
-@pytest.mark.parametrize('impl', ['loop', 'grouped'])
+@pytest.mark.parametrize('impl', ['loop', *BACKENDS])
 def test_every_gate_zero(impl):
     # M = 0: no pair at all. Exact zeros out, exact zeros back, and no error
     inputs, dy = make_inputs(6, 5, 3, 4, torch.zeros(6, 4, dtype=torch.bool))
@@ -185,11 +204,12 @@ def test_custom_op_registration():
 # dtypes, module, config strings
 
 
-def test_bf16_autocast_close_to_fp32():
+@pytest.mark.parametrize('impl', BACKENDS)
+def test_bf16_autocast_close_to_fp32(impl):
     inputs, dy = make_inputs(16, 8, 8, 4, relu_mask(16, 4, torch.Generator().manual_seed(0)))
     want = run('loop', inputs, dy)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        y = moe_ffn(*inputs, 'grouped')
+        y = moe_ffn(*inputs, impl)
     assert y.dtype == torch.bfloat16
     got = (y, *torch.autograd.grad(y, inputs, dy.bfloat16()))
     assert all(g.dtype == t.dtype for g, t in zip(got[1:], inputs))   # grads come back in fp32
@@ -208,12 +228,52 @@ def test_experts_module():
                                **TOL)
 
 
-def test_resolve_impl():
+def test_resolve_impl(monkeypatch):
     assert resolve_impl('auto', 'cpu') == 'grouped'
+    assert resolve_impl('auto', 'cuda') == ('triton' if HAS_TRITON else 'grouped')
     assert resolve_impl('loop', 'cpu') == 'loop'
-    assert set(EXPERT_IMPLS) >= {'loop', 'grouped', 'auto'}
+    assert set(EXPERT_IMPLS) >= {'loop', 'grouped', 'triton', 'auto'}
     with pytest.raises(ValueError) as err:
         resolve_impl('foo', 'cpu')
-    assert str(err.value) == "expert_impl='foo' is not one of loop, grouped, auto"
+    assert str(err.value) == "expert_impl='foo' is not one of loop, grouped, triton, auto"
     with pytest.raises(ValueError, match='foo'):
         Experts(2, 4, 4, impl='foo')
+    Experts(2, 4, 4, impl='triton')  # built on CPU, may still move to a GPU: no error yet
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    with pytest.raises(ValueError, match='needs') as err:   # triton on CPU without the interpreter
+        resolve_impl('triton', 'cpu')
+    assert len(str(err.value).splitlines()) == 1
+
+# -----------------------------------------------------------------------------
+# the whole model, compiled
+
+
+@pytest.mark.parametrize('router', routers.ROUTERS)
+def test_compiled_model_trains_like_eager(router):
+    """fullgraph compile of a tiny MoE GPT with each router: no graph break (fullgraph raises), no
+    recompilation over 3 optimizer steps whose routings differ, and the eager losses. On CPU the
+    dispatch is grouped: the triton backend's compile path is only worth testing on a GPU, where
+    it is the one that runs (without a GPU it would run the interpreter inside compiled code)."""
+    torch.manual_seed(0)
+    impl = 'triton' if DEVICE == 'cuda' and HAS_TRITON else 'grouped'
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, ffn_hidden=8, n_expert=4, top_k=2, block_size=8,
+                       vocab_size=64, router=router, expert_impl=impl)
+    eager = GPT(config).to(DEVICE)
+    compiled = copy.deepcopy(eager)
+    step_compiled = torch.compile(compiled, fullgraph=True, dynamic=False)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (eager, compiled)]
+    gen = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            idx = torch.randint(0, 64, (2, 8), generator=gen).to(DEVICE)
+            losses = []
+            for model, forward, opt in zip((eager, compiled), (eager, step_compiled), optimizers):
+                _, loss, _ = forward(idx, idx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6), step
+    for p, q in zip(eager.parameters(), compiled.parameters()):   # after 3 steps, the same weights
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)

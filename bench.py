@@ -1,0 +1,249 @@
+"""
+Speed benchmarks: the MoE layer against a dense SwiGLU FFN with the same active FLOPs, and end-to-end
+training of every config against configs/dense.py. Prints one table of ratios (moe / dense).
+
+    python bench.py                  # everything: the layer grid, then every config, eager and compiled
+    python bench.py --quick          # a one-minute subset for a 2-core CPU
+    python bench.py --T=4096 --D=256 --Ek=8,2 --e2e=topk   # any slice of the grid
+
+(a) Layer: x [N, D] -> top-k router -> experts, for each backend, eager and compiled (fullgraph),
+    forward and forward+backward, against the dense FFN in the same mode. Iso-FLOP convention:
+    the dense hidden is 4D, each expert's hidden is 4D/K, so K experts cost one dense FFN.
+    Variants are timed interleaved, rep by rep, in one process, and the median is reported.
+    Memory: on CUDA the peak allocated during forward+backward; on CPU the bytes saved for backward
+    (autograd's saved tensors, weights included), which is what a training step has to hold.
+(b) Training: train.py in a subprocess with few iterations; tokens/s and MFU (active FLOPs) are the
+    median of the logged iterations after the first two (which include compilation).
+
+Legend: N tokens, E experts, K active, D model width, H hidden (dense: 4D, expert: 4D/K).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from experts import Experts, swiglu
+
+REPO = Path(__file__).resolve().parent
+
+
+class MoELayer(nn.Module):
+    """Top-k softmax router + experts: the MoE FFN of model.py without its aux loss and statistics."""
+
+    def __init__(self, D, E, K, impl, uniform=False):
+        super().__init__()
+        self.K, self.uniform = K, uniform
+        self.w_g = nn.Linear(D, E, bias=False)
+        self.experts = Experts(E, D, 4 * D // K, impl)
+
+    def forward(self, x):
+        N, E = x.size(0), self.w_g.out_features
+        probs = self.w_g(x).float().softmax(-1)                                  # [N, E]
+        if self.uniform:  # forced-uniform routing: token n uses experts nK..nK+K-1 (mod E), equal load
+            idx = (torch.arange(N, device=x.device)[:, None] * self.K + torch.arange(self.K, device=x.device)) % E
+            top_p = probs.gather(1, idx)
+        else:
+            top_p, idx = probs.topk(self.K, dim=-1)                                # [N, K]
+        gates = torch.zeros_like(probs).scatter(1, idx, top_p).to(x.dtype)       # [N, E]
+        return self.experts(x, gates)
+
+
+class DenseFFN(nn.Module):
+    """model.MLP's SwiGLU: gate and up projections in one matmul, like the experts."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.c_fc = nn.Linear(D, 2 * 4 * D, bias=False)
+        self.c_proj = nn.Linear(4 * D, D, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(swiglu(self.c_fc(x)))
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn, x):
+    """Bytes autograd saves for backward during fn(x), each storage counted once."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(seen.values())
+
+
+def peak_memory(fn, x, device):
+    """MB: CUDA peak allocation of a forward+backward above what was already allocated;
+    on CPU the tensors saved for backward."""
+    if device.type != 'cuda':
+        return saved_bytes(fn, x) / 2**20
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(x).float().sum().backward()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def time_interleaved(fns, reps, warmup=2):
+    """{name: median seconds}: every rep runs each fn once, in turn, so slow drifts in the machine's
+    load (other processes, clocks) hit all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_layer(N, D, E, K, backends, modes, args, device, dtype):
+    """Rows of the table for one shape: every (backend, mode) against dense in the same mode."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # fresh compile caches: every shape brings new modules of the same classes
+    x = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(N, D, device=device, dtype=dtype)
+    layers = {'dense': DenseFFN(D)}
+    layers.update({b: MoELayer(D, E, K, b, args.uniform) for b in backends})
+    fns, mems = {}, {}
+    for name, layer in layers.items():
+        layer.to(device=device, dtype=dtype)
+        for mode in modes:
+            if mode == 'compiled' and name == 'loop':
+                continue  # data-dependent shapes: loop is the eager reference
+            f = torch.compile(layer, fullgraph=True, dynamic=False) if mode == 'compiled' else layer
+
+            def fwd(f=f):
+                with torch.no_grad():
+                    f(x)
+                sync(device)
+
+            def fwd_bwd(f=f):
+                f(x).backward(dy)
+                sync(device)
+
+            fns[name, mode, 'fwd'], fns[name, mode, 'fwd+bwd'] = fwd, fwd_bwd
+            fwd_bwd()  # compile now, before any timing
+            mems[name, mode] = peak_memory(f, x, device)
+    t = time_interleaved(fns, args.reps)
+    rows = []
+    for (name, mode, what), sec in t.items():
+        if name == 'dense':
+            continue
+        ref = t['dense', mode, what]
+        mem = f"{mems[name, mode]:.0f} / {mems['dense', mode]:.0f}" if what == 'fwd+bwd' else ''
+        rows.append((f'layer {what}', f'N{N} D{D} E{E} k{K}', name, mode,
+                     f'{1e3 * sec:.1f} / {1e3 * ref:.1f} ms', sec / ref, mem))
+    return rows
+
+
+def train_run(config, compiled, args, device):
+    """Median tokens/s and MFU of a short train.py run, skipping the first two logged iterations."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, str(REPO / 'train.py'), config, f'--out_dir={out}', f'--max_iters={args.iters}',
+               '--log_interval=1', f'--eval_interval={10 * args.iters}', '--eval_iters=1', '--sample_tokens=0',
+               f'--compile={compiled}', f'--data_dir={REPO / "data"}', f'--device={device.type}']
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        log = [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines()]
+    steps = [r for r in log if 'tokens_per_sec' in r][2:]
+    return statistics.median(r['tokens_per_sec'] for r in steps), statistics.median(r['mfu'] for r in steps)
+
+
+def bench_train(configs, modes, args, device):
+    """Each config against configs/dense.py, eager and compiled; a run that fails becomes a row saying so."""
+    runs = {}
+    for mode in modes:
+        for name in ['dense', *configs]:
+            try:
+                runs[name, mode] = train_run(name, mode == 'compiled', args, device)
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+    rows = []
+    for name in ['dense', *configs]:
+        for mode in modes:
+            if (name, mode) not in runs or ('dense', mode) not in runs:
+                rows.append(('train tok/s', name, 'auto', mode, 'failed (see stderr)', float('nan'), ''))
+                continue
+            (tps, mfu), (dense_tps, dense_mfu) = runs[name, mode], runs['dense', mode]
+            # a time ratio like the layer rows: dense tokens/s over this config's tokens/s
+            rows.append(('train tok/s', name, 'auto', mode, f'{tps:,.0f} / {dense_tps:,.0f}', dense_tps / tps,
+                         f'mfu {100 * mfu:.1f}% / {100 * dense_mfu:.1f}%'))
+        if (name, 'eager') in runs and (name, 'compiled') in runs:
+            (eager, _), (compiled, _) = runs[name, 'eager'], runs[name, 'compiled']
+            rows.append(('train compiled/eager', name, 'auto', '', f'{compiled:,.0f} / {eager:,.0f} tok/s',
+                         eager / compiled, ''))
+    return rows
+
+
+def print_table(rows, title):
+    header = ('bench', 'shape / config', 'backend', 'mode', 'moe / dense', 'ratio', 'memory MB or MFU (moe / dense)')
+    table = [header] + [(*r[:5], f'{r[5]:.2f}', r[6]) for r in rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    print(title)
+    for i, r in enumerate(table):
+        print('| ' + ' | '.join(str(c).ljust(w) for c, w in zip(r, widths)) + ' |')
+        if i == 0:
+            print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--quick', action='store_true', help='a one-minute subset (2-core CPU)')
+    p.add_argument('--T', default='512,4096', help='tokens per layer call, comma-separated')
+    p.add_argument('--D', default='256,768')
+    p.add_argument('--Ek', default='8,2;8,1;64,8', help='(E, K) pairs: "E,K;E,K"')
+    p.add_argument('--backends', default='', help="default: loop,grouped (+ triton on CUDA)")
+    p.add_argument('--modes', default='eager,compiled')
+    p.add_argument('--reps', type=int, default=10)
+    p.add_argument('--uniform', action='store_true', help='forced-uniform routing (kernel speed without imbalance)')
+    p.add_argument('--e2e', default='', help="configs to train against dense; default: the small ones; 'none' skips")
+    p.add_argument('--iters', type=int, default=8, help='training iterations per end-to-end run')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = p.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+    backends = ['loop', 'grouped'] + (['triton'] if device.type == 'cuda' else [])
+    backends = args.backends.split(',') if args.backends else backends
+    modes = args.modes.split(',')
+    # the small configs that train against configs/dense.py (not the *_182m ones, which want a GPU)
+    configs = [c.stem for c in sorted((REPO / 'configs').glob('*.py')) if c.stem != 'dense' and '_' not in c.stem]
+    if args.e2e:
+        configs = [] if args.e2e == 'none' else args.e2e.split(',')
+    grid = [(int(T), int(D), *map(int, ek.split(','))) for T in args.T.split(',') for D in args.D.split(',')
+            for ek in args.Ek.split(';')]
+    if args.quick:  # the shape of the CPU targets, eager only, and one short training comparison
+        grid, modes, args.reps, configs, args.iters = [(512, 256, 8, 2)], ['eager'], 3, ['topk'], 4
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    print(f"device: {name}, {dtype}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+          f"{', forced-uniform routing' if args.uniform else ''}")
+    rows = []
+    for N, D, E, K in grid:
+        rows += bench_layer(N, D, E, K, backends, modes, args, device, dtype)
+        print(f'  done N{N} D{D} E{E} k{K}', file=sys.stderr)
+    rows += bench_train(configs, modes, args, device) if configs else []
+    print_table(rows, 'ratio = MoE time / dense time at equal active FLOPs (< 1: MoE faster); '
+                      'dense hidden 4D, expert hidden 4D/k')
+
+
+if __name__ == '__main__':
+    main()
