@@ -212,6 +212,8 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 tokens_per_iter = gradient_accumulation_steps * dist.world_size * batch_size * block_size
 if dist.master:
     os.makedirs(out_dir, exist_ok=True)
+    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+        os.remove(os.path.join(out_dir, 'log.jsonl'))  # a new run, a new log; resume appends
     print(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed + dist.rank)
 torch.backends.cuda.matmul.allow_tf32 = True
