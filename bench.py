@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from experts import Experts, swiglu
 

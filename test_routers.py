@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from experts import moe_ffn, swiglu
 from model import GPT, MoE, GPTConfig
-from routers import TopKRouter, capacity_keep, make_router, remoe_l1, routing_stats, switch_balance_loss, z_loss
+from routers import TopKRouter, make_router, remoe_l1, routing_stats, switch_balance_loss, z_loss
 
 settings.register_profile('repo', max_examples=30, deadline=None)
 settings.load_profile('repo')
@@ -317,58 +317,6 @@ def test_remoe_lambda_survives_checkpoints_casts_and_eval():
 
 
 # -----------------------------------------------------------------------------
-# RMoE: the recurrent router
-
-
-def rmoe_routers(router='topk', n_layer=3, seed=0):
-    torch.manual_seed(seed)
-    config = GPTConfig(n_layer=n_layer, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=2, router=router,
-                       recurrent_router=True, rmoe_dim=6, block_size=8, vocab_size=32)
-    model = GPT(config)
-    return model, [b.mlp.router for b in model.transformer.h]
-
-
-@pytest.mark.parametrize('router', ['topk', 'remoe'])
-def test_rmoe_recurrent_gradient_reaches_the_first_projector_unless_detached(router):
-    _, routers = rmoe_routers(router)
-    xs = [torch.randn(5, 8) for _ in routers]  # independent inputs: only the state links the layers
-    w = torch.randn(5, 4)
-    for detach in (False, True):
-        state = None
-        for r, x in zip(routers, xs):
-            gates, _, _, state = r(x, state.detach() if detach and state is not None else state)
-        (grad,) = torch.autograd.grad((gates * w).sum(), routers[0].proj.weight, allow_unused=True)
-        if detach:
-            assert grad is None or torch.count_nonzero(grad) == 0
-        else:
-            assert grad is not None and grad.abs().sum() > 0
-
-
-def test_rmoe_shares_one_gru_and_counts_it_once():
-    model, routers = rmoe_routers(n_layer=3)
-    assert routers[0].gru is routers[1].gru is routers[2].gru
-    p, D, E = 6, 8, 4
-    gru = 3 * (2 * p * p + 2 * p)
-    per_layer = p * D + p * E  # projector and router
-    n_router = sum(x.numel() for n, x in model.named_parameters() if '.router.' in n)
-    assert n_router == 3 * per_layer + gru
-    assert routers[0].gru.weight_ih.std().item() == pytest.approx(0.02, rel=0.3)  # explicit init
-
-
-def test_rmoe_state_passes_through_dense_layers():
-    torch.manual_seed(0)
-    config = GPTConfig(n_layer=4, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=2, moe_every=2,
-                       recurrent_router=True, rmoe_dim=6, block_size=8, vocab_size=32)
-    model = GPT(config)
-    idx = torch.randint(0, 32, (2, 8))
-    _, loss, info = model(idx, idx)
-    assert info['load'].shape == (2, 4)
-    loss.backward()
-    first_proj = model.transformer.h[1].mlp.router.proj.weight  # block 1 is the first MoE block
-    assert first_proj.grad.abs().sum() > 0
-
-
-# -----------------------------------------------------------------------------
 # expert prototyping
 
 
@@ -434,87 +382,3 @@ def test_prototype_balance_loss_is_K_under_uniform_routing_and_per_group():
     gates, aux_loss, _, _ = router(x)
     assert ((gates > 0).sum(0) == N // m).all()
     assert aux_loss.item() == pytest.approx(K, rel=1e-4)
-
-
-# -----------------------------------------------------------------------------
-# capacity
-
-
-@pytest.mark.parametrize('router', ['topk', 'prototype'])
-@given(N=st.integers(1, 40), cf=st.floats(0.1, 2.0), seed=st.integers(0, 2**16))
-def test_capacity_is_never_exceeded_and_a_large_factor_drops_nothing(router, N, cf, seed):
-    E, K = 8, 2
-    outs = {}
-    for factor in (cf, float(E), 0.0):
-        torch.manual_seed(seed)
-        config = GPTConfig(n_embd=6, n_head=1, n_layer=1, n_expert=E, top_k=K, router=router,
-                           capacity_factor=factor)
-        r = make_router(config)
-        x = torch.randn(N, 6) + 3 * torch.randn(6)  # a shared direction: unbalanced routing
-        outs[factor] = r(x)
-    gates, _, stats, _ = outs[cf]
-    assert ((gates > 0).sum(0) <= math.ceil(cf * K * N / E)).all()
-    assert stats['dropped'].item() == pytest.approx(1 - (gates > 0).sum().item() / (N * K))
-    assert torch.equal(outs[float(E)][0], outs[0.0][0])  # capacity K*N: nothing to drop
-    assert outs[float(E)][2]['dropped'].item() == 0
-
-
-def test_capacity_fills_first_choices_before_second_choices():
-    choices = torch.zeros(2, 3, 2)
-    choices[0, :, 0] = 1  # all three tokens pick expert 0 first...
-    choices[1, 0, 1] = choices[1, 1, 1] = 1  # ...and tokens 0, 1 pick expert 1 second
-    choices[1, 2, 1] = 1
-    keep = capacity_keep(choices, capacity=2)
-    assert keep.tolist() == [[True, True], [True, True], [False, False]]
-
-
-def test_capacity_drops_in_one_group_leave_other_groups_alone():
-    N, K, m = 16, 2, 4
-    router, x = build_prototype(N=N, D=6, K=K, m=m, renorm=False, seed=0, capacity_factor=1.0)
-    gates, _, _, _ = router(x)
-    with torch.no_grad():
-        router.w_g.weight[:m] = 0
-        router.w_g.weight[0] = 5 * x.mean(0)  # group 0: everything to expert 0, far over capacity
-    crowded, _, stats, _ = router(x)
-    assert stats['dropped'] > 0
-    assert torch.equal(crowded[:, m:], gates[:, m:])
-
-
-def test_capacity_is_a_training_time_rule():
-    router, x = build_prototype(N=16, D=6, K=2, m=4, renorm=False, seed=0, capacity_factor=0.25)
-    router.eval()
-    gates, _, stats, _ = router(x)
-    assert ((gates > 0).sum(-1) == 2).all() and stats['dropped'].item() == 0
-
-
-# -----------------------------------------------------------------------------
-# granularity and invalid combinations
-
-
-@pytest.mark.parametrize('router', ['topk', 'remoe', 'prototype'])
-def test_granularity_keeps_total_and_active_parameters(router):
-    def build(G):
-        return GPT(GPTConfig(n_layer=2, n_head=1, n_embd=8, ffn_hidden=16, n_expert=4, top_k=2, router=router,
-                             expert_granularity=G, block_size=8, vocab_size=32))
-    coarse, fine = build(1), build(4)
-    E, K, H = fine.config.moe_shape()
-    assert (E, K, H) == (16, 8, 4)
-    router_params = lambda m: sum(p.numel() for n, p in m.named_parameters() if '.router.' in n)
-    for active in (False, True):  # only the routers grow: one column per expert
-        assert fine.num_params(active) - router_params(fine) == coarse.num_params(active) - router_params(coarse)
-    if router == 'remoe':
-        assert fine.transformer.h[0].mlp.router.target_sparsity == 1 - 2 / 4
-
-
-@pytest.mark.parametrize('kw, needle', [
-    (dict(router='remoe', capacity_factor=1.25), "capacity_factor=1.25 with router='remoe'"),
-    (dict(router='remoe', router_renorm=True), "router_renorm=True with router='remoe'"),
-    (dict(router='prototype', n_expert=8, top_k=3), "router='prototype' needs top_k=3"),
-    (dict(expert_granularity=3, ffn_hidden=16), 'expert_granularity=3'),
-    (dict(capacity_factor=-1.0), 'capacity_factor=-1.0'),
-])
-def test_invalid_router_options_are_one_line_errors(kw, needle):
-    config = GPTConfig(n_embd=8, n_head=1, **{'n_expert': 8, 'top_k': 2, **kw})
-    with pytest.raises(ValueError) as e:
-        config.validate()
-    assert needle in str(e.value) and '\n' not in str(e.value)
