@@ -189,8 +189,7 @@ try:
     GPTConfig(**model_args).validate()
 except ValueError as e:
     die(str(e))
-# --- expert parallelism: checks before any process group exists ---
-if ep_size != 1:
+if ep_size != 1:  # expert parallelism: checked before any process group exists
     if moe_every == 0:
         die(f"ep_size={ep_size} needs MoE layers (moe_every > 0)")
     problem = distributed.check_ep_size(ep_size, int(os.environ.get('WORLD_SIZE', 1)),
@@ -201,7 +200,6 @@ if ep_size != 1:
         die(f"ep_size={ep_size} runs eagerly: add --compile=False")
 if dist_timeout <= 0:
     die(f"dist_timeout={dist_timeout} must be > 0 seconds")
-# --- end expert parallelism checks ---
 
 # -----------------------------------------------------------------------------
 # processes, devices, data
