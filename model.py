@@ -32,6 +32,7 @@ class GPTConfig:
     n_embd: int = 256
     ffn_hidden: int = 0  # H of each FFN (the dense MLP, or one expert); 0 = SwiGLU's 8/3 * n_embd
     rope_theta: float = 10000.0
+    init_std: float = 0.02  # std of the normal init of every weight matrix (GPT-2: 0.02; ReMoE's scripts: 0.01)
     # Mixture of experts
     moe_every: int = 1  # every moe_every-th block is MoE; 1 = all of them, 0 = a dense model
     n_expert: int = 8
@@ -44,9 +45,15 @@ class GPTConfig:
     capacity_factor: float = 0.0  # topk/prototype: slots per expert = cf * K * N / E; 0 = dropless
     aux_loss_coef: float = 0.01  # Switch balancing loss, per MoE layer (topk, prototype)
     z_loss_coef: float = 0.0  # ST-MoE router z-loss, per MoE layer (1e-3 is typical)
+    # how the MoE layers' aux losses add up: 'sum' or 'mean' ('mean' = 'sum' / number of MoE layers)
+    aux_loss_reduction: str = 'sum'  # Switch and z-loss: 'sum' as Megatron and ReMoE's top-k baseline,
+    #                                  'mean' as RMoE's 0.91B runs (an L-fold weaker balancing gradient)
+    remoe_l1_reduction: str = 'mean'  # ReMoE's L1: 'mean' as the paper's eq. 9-10, 'sum' as its code
+    #                                   (an L-fold larger λ·L_reg: settles ~log_α(L) steps earlier)
     router_renorm: bool = False  # topk/prototype: rescale the kept probabilities to sum to 1
     remoe_lambda0: float = 1e-8  # ReMoE: initial L1 coefficient λ (paper default)
     remoe_alpha: float = 1.2  # ReMoE: λ's multiplicative step (paper default)
+    remoe_lambda_floor: bool = True  # ReMoE: λ never falls below remoe_lambda0 (see ReMoERouter.update)
 
     def __post_init__(self):
         if self.ffn_hidden == 0:  # keep SwiGLU's 3 matrices at the FLOPs of a 4x GELU MLP
@@ -69,6 +76,8 @@ class GPTConfig:
         for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'ffn_hidden'):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std={self.init_std} must be > 0")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
@@ -88,6 +97,9 @@ class GPTConfig:
         if self.expert_granularity < 1 or self.ffn_hidden % self.expert_granularity:
             raise ValueError(f"expert_granularity={self.expert_granularity} must be a positive divisor "
                              f"of ffn_hidden={self.ffn_hidden}")
+        for name in ('aux_loss_reduction', 'remoe_l1_reduction'):
+            if getattr(self, name) not in ('sum', 'mean'):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not 'sum' or 'mean'")
         if self.capacity_factor < 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 0 (0 means dropless)")
         if self.router == 'remoe':
@@ -201,16 +213,16 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             # GPT-2: scale the init of the projections that write into the residual stream
             if name.endswith('c_proj.weight') or name.endswith('experts.w_out'):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         elif isinstance(module, Experts):
-            nn.init.normal_(module.w_in, mean=0.0, std=0.02)
+            nn.init.normal_(module.w_in, mean=0.0, std=self.config.init_std)
         elif isinstance(module, nn.GRUCell):  # RMoE's runs use the standard init, std 0.02
-            nn.init.normal_(module.weight_ih, mean=0.0, std=0.02)
-            nn.init.normal_(module.weight_hh, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight_ih, mean=0.0, std=self.config.init_std)
+            nn.init.normal_(module.weight_hh, mean=0.0, std=self.config.init_std)
             nn.init.zeros_(module.bias_ih)
             nn.init.zeros_(module.bias_hh)
 

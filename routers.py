@@ -91,8 +91,10 @@ class Router(nn.Module):
         self.n_moe_layers = config.n_moe_layers()
         self.capacity_factor = config.capacity_factor
         self.renorm = config.router_renorm
-        self.aux_loss_coef = config.aux_loss_coef
-        self.z_loss_coef = config.z_loss_coef
+        # the model sums every MoE layer's aux loss; 'mean' turns that sum into an average
+        layers = 1 / self.n_moe_layers if config.aux_loss_reduction == 'mean' else 1.0
+        self.aux_loss_coef = config.aux_loss_coef * layers
+        self.z_loss_coef = config.z_loss_coef * layers
         if config.recurrent_router:  # RMoE eq. 4-6
             self.proj = nn.Linear(config.n_embd, config.rmoe_dim, bias=False)  # per layer: D -> p
             self.gru = gru  # ONE GRU cell shared by all layers (the same module object in each)
@@ -173,12 +175,14 @@ class ReMoERouter(Router):
         self.alpha = config.remoe_alpha
         self.target_sparsity = 1 - self.top_k / self.n_expert  # the same for every granularity
         self.register_buffer('lam', torch.tensor(config.remoe_lambda0, dtype=torch.float32))
+        self.lambda_min = config.remoe_lambda0 if config.remoe_lambda_floor else 0.0
+        # eq. 9-10 average the L1 over the L MoE layers; the reference code sums them
+        self.l1_scale = 1 / self.n_moe_layers if config.remoe_l1_reduction == 'mean' else 1.0
 
     def forward(self, x, state=None):
         logits, state = self.logits(x, state)  # [N, E]
         gates = F.relu(logits)  # ReMoE eq. 5
-        # eq. 6 with eq. 10's mean over the L MoE layers
-        aux_loss = self.lam * remoe_l1(gates, self.top_k) / self.n_moe_layers
+        aux_loss = self.lam * self.l1_scale * remoe_l1(gates, self.top_k)  # eq. 6 and 10
         stats = routing_stats(gates)
         stats['dropped'] = gates.new_zeros(())  # ReLU routing is dropless
         return gates.to(x.dtype), aux_loss, stats, state
@@ -186,8 +190,12 @@ class ReMoERouter(Router):
     @torch.no_grad()
     def update(self, sparsity):
         # eq. 7: λ <- λ * α^sign(S* - S). Like the reference code, a step exactly on target
-        # divides, so λ always moves by exactly α or 1/α. On the device: no host sync per step
+        # divides, so λ always moves by exactly α or 1/α. On the device: no host sync per step.
+        # The floor (remoe_lambda_floor): below λ0 the L1 term is as negligible as in stage I, and a λ
+        # that keeps dividing ends in float32's denormals (2.8e-45), where x1.2 rounds back to the
+        # same number: the controller could never climb again. With the floor it climbs from λ0.
         self.lam.mul_(torch.where(torch.as_tensor(sparsity) < self.target_sparsity, self.alpha, 1 / self.alpha))
+        self.lam.clamp_(min=self.lambda_min)
 
     def _apply(self, fn, recurse=True):
         # keep λ in fp32 whatever the model is cast to: bf16 would round away the controller's steps

@@ -14,9 +14,11 @@ import data
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 
-def generate_text(model, start, num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200, device='cpu'):
-    """Continue `start` num_samples times; returns the decoded texts, prompt included."""
-    enc = data.get_encoding()
+def generate_text(model, tokenizer, start, num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
+                  device='cpu'):
+    """Continue `start` num_samples times; returns the decoded texts, prompt included.
+    tokenizer: the one the model was trained with, 'gpt2' or 'bytes'."""
+    enc = data.get_tokenizer(tokenizer)
     ids = enc.encode(start, allowed_special={'<|endoftext|>'}) or [enc.eot_token]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     was_training = model.training
@@ -61,7 +63,8 @@ def main(argv=None):
         model = model_from_checkpoint(ckpt).to(device)
     except (CheckpointError, data.DataError) as e:
         die(str(e))
-    texts = generate_text(model, start, args.num_samples, args.max_new_tokens, args.temperature,
+    # checkpoints from before the byte-level datasets hold no tokenizer: they are all GPT-2 BPE
+    texts = generate_text(model, ckpt.get('tokenizer', 'gpt2'), start, args.num_samples, args.max_new_tokens, args.temperature,
                           args.top_k or None, device)
     for text in texts:
         print(text)

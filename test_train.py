@@ -1,6 +1,6 @@
 """
 End-to-end tests of the real entry points (train.py, sample.py) in subprocesses, on a tiny model
-trained on the default Shakespeare data, plus fullgraph compile against eager.
+trained on the default data (Shakespeare as bytes), plus fullgraph compile against eager.
 """
 
 import json
@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory):
     """The default dataset, prepared once for the whole session by train.py itself."""
     d = tmp_path_factory.mktemp('data')
     run('train.py', *TINY, f'--data_dir={d}', '--max_iters=0', f'--out_dir={d}/warmup', cwd=d)
-    assert (d / 'shakespeare' / 'train.bin').exists() and (d / 'shakespeare' / 'meta.json').exists()
+    assert (d / 'shakespeare_char' / 'train.bin').exists() and (d / 'shakespeare_char' / 'meta.json').exists()
     return d
 
 
@@ -123,6 +123,49 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, data_dir):
                  run('sample.py', f'--out_dir={tmp_path}/out', cwd=tmp_path, ok=False)):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and 'not a readable checkpoint' in lines[0], proc.stderr
+
+
+def test_vocabulary_and_tokenizer_follow_the_dataset(tmp_path, data_dir):
+    """bytes: a 256-entry vocabulary from meta.json, saved with the tokenizer, and sample.py decodes
+    bytes; a checkpoint does not resume on a dataset with another vocabulary."""
+    train(tmp_path, data_dir, '--max_iters=2', f'--out_dir={tmp_path}/out')
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_args']['vocab_size'] == 256 and ckpt['tokenizer'] == 'bytes'
+    assert ckpt['model']['lm_head.weight'].shape[0] == 256
+    header = read_log(tmp_path / 'out')[0]['run']
+    assert header['tokenizer'] == 'bytes' and header['vocab_size'] == 256 and header['tokens_per_iter'] == 4 * 32
+    proc = run('sample.py', f'--out_dir={tmp_path}/out', '--start=Hamlet', '--max_new_tokens=30', cwd=tmp_path)
+    assert proc.stdout.startswith('Hamlet') and len(proc.stdout.split('\n')[0]) >= 6
+    proc = train(tmp_path, data_dir, '--init_from=resume', '--dataset=shakespeare', '--max_iters=3',
+                 f'--out_dir={tmp_path}/out', ok=False)
+    assert proc.returncode == 2 and 'trained on a vocabulary of 256' in proc.stderr, proc.stderr
+
+
+def test_val_loss_per_domain(tmp_path, monkeypatch):
+    """multidomain: every evaluation logs a val loss per domain, beside the overall one. train.py
+    runs in this process, so that a stand-in for Django's docs (otherwise a download) takes effect."""
+    import runpy
+    import tarfile
+
+    import corpora
+    archive = tmp_path / 'django.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        tar.add(REPO / 'README.md', arcname='django-5.2.19/docs/readme.txt')
+        tar.add(REPO / 'data.py', arcname='django-5.2.19/docs/data.txt')
+    monkeypatch.setattr(corpora, 'django_archive', lambda download_dir: str(archive))
+    monkeypatch.setattr(corpora, 'DOMAIN_BYTES', 60_000)
+    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, '--dataset=multidomain', f'--data_dir={tmp_path}/data',
+                                      '--max_iters=4', '--eval_interval=2', f'--out_dir={tmp_path}/out'])
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(REPO / 'train.py'), run_name='__main__')
+    evals = [r for r in read_log(tmp_path / 'out') if 'val_loss' in r]
+    assert [r['iter'] for r in evals] == [0, 2, 4]
+    for r in evals:
+        per_domain = r['val_loss_per_domain']
+        assert list(per_domain) == ['drama', 'scripture', 'code', 'docs']
+        # the overall loss is the token-weighted mean of the domains' losses
+        assert min(per_domain.values()) <= r['val_loss'] + 1e-4 and r['val_loss'] <= max(per_domain.values()) + 1e-4
+    assert evals[-1]['val_loss_per_domain']['code'] < evals[0]['val_loss_per_domain']['code']
 
 
 def test_compiled_training_matches_eager(tmp_path, data_dir):

@@ -23,6 +23,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import data
 import distributed
@@ -31,18 +32,19 @@ from model import GPT, CheckpointError, GPTConfig, device_peak_flops, load_check
 from model import save_checkpoint
 
 # -----------------------------------------------------------------------------
-# default config values: a top-k MoE that trains on 2 CPU cores in a few minutes
+# default config values: a top-k MoE on Shakespeare's bytes that trains on 2 CPU cores in ~5 minutes
 # I/O
 out_dir = 'out'
-eval_interval = 100
+eval_interval = 150
 log_interval = 10
-eval_iters = 10
+eval_iters = 20
 eval_only = False  # evaluate once, then exit
 always_save_checkpoint = True  # else only when val loss improves
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 sample_tokens = 200  # at the end, print a sample this long (0 = none)
 # data
-dataset = 'shakespeare'  # 'shakespeare', 'textfiles' or 'web'
+dataset = 'shakespeare_char'  # 'shakespeare_char', 'shakespeare', 'multidomain', 'textfiles' or 'web'
+tokenizer = ''  # '' = the dataset's own; 'bytes' or 'gpt2' for multidomain and textfiles
 data_files = ''  # for dataset='textfiles': a file, a folder or a glob
 data_dir = 'data'
 hf_name = data.HF_NAME  # for dataset='web': a Hugging Face dataset (needs internet) or builder
@@ -57,6 +59,7 @@ n_head = 4
 n_embd = 128
 ffn_hidden = 0  # hidden width of the dense MLP or of one expert; 0 = 8/3 * n_embd
 rope_theta = 10000.0
+init_std = 0.02  # std of the normal init of the weight matrices
 # mixture of experts
 moe_every = 1  # every moe_every-th block is MoE; 0 = a dense model
 n_expert = 8
@@ -72,10 +75,15 @@ z_loss_coef = 0.0  # router z-loss
 router_renorm = False  # topk/prototype: renormalise the kept gates to sum to 1
 remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
 remoe_alpha = 1.2  # ReMoE: multiplicative step of the coefficient
+remoe_lambda_floor = True  # ReMoE: λ never falls below remoe_lambda0
+aux_loss_reduction = 'sum'  # Switch (and z) loss over the MoE layers: 'sum' (Megatron) or 'mean' (RMoE)
+remoe_l1_reduction = 'mean'  # ReMoE's L1 over the MoE layers: 'mean' (paper, eq. 10) or 'sum' (its code)
 # AdamW optimizer
 learning_rate = 2e-3
-max_iters = 300
+max_iters = 1500
 weight_decay = 0.1
+decay_router = True  # apply weight_decay to the router weights too (False: routers are not decayed)
+router_lr_scale = 1.0  # the routers' learning rate is learning_rate times this
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = no clipping
@@ -158,12 +166,16 @@ globals().update(config)  # the rest of the script reads plain names, as in nano
 # checks that need no model: each bad value is a one-line error
 if init_from not in ('scratch', 'resume'):
     die(f"init_from={init_from!r} is not 'scratch' or 'resume'")
-if dataset not in data.DATASETS:
-    die(f"dataset={dataset!r} is not one of {', '.join(data.DATASETS)}")
+try:
+    tokenizer = data.resolve_tokenizer(dataset, tokenizer)
+except data.DataError as e:
+    die(str(e))
 for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval',
              'eval_interval'):
     if config[name] < 1:
         die(f"{name}={config[name]} must be a positive integer")
+if not router_lr_scale > 0:
+    die(f"router_lr_scale={router_lr_scale} must be > 0 (it multiplies learning_rate for the routers)")
 if max_iters < 0 or learning_rate <= 0:
     die(f"max_iters={max_iters} must be >= 0 and learning_rate={learning_rate} > 0")
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -222,9 +234,10 @@ ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=
 try:  # rank 0 prepares the dataset on first use, the others wait for it
     if dist.master:
         data.prepare(dataset, data_dir, files=data_files, hf_name=hf_name, hf_files=hf_files,
-                     max_tokens=hf_max_tokens)
-    folder = data.dataset_folder(dataset, data_dir, hf_name=hf_name, hf_files=hf_files)
+                     max_tokens=hf_max_tokens, tokenizer=tokenizer)
+    folder = data.dataset_folder(dataset, data_dir, hf_name=hf_name, hf_files=hf_files, tokenizer=tokenizer)
     distributed.barrier(dist)
+    meta = data.load_meta(folder)
     splits = {split: data.load_split(folder, split) for split in ('train', 'val')}
     for split, tokens in splits.items():
         if len(tokens) <= block_size:
@@ -242,11 +255,16 @@ data_gen = torch.Generator().manual_seed(seed)
 
 
 def get_batch(split, generator):
-    if dist.world_size == 1:
-        return data.get_batch(splits[split], batch_size, block_size, generator, device)
-    x, y = data.get_batch(splits[split], batch_size * dist.world_size, block_size, generator)
-    rows = slice(dist.rank * batch_size, (dist.rank + 1) * batch_size)
-    return x[rows].to(device), y[rows].to(device)
+    """This rank's rows of the global batch: x, y [batch_size, block_size] and the windows' offsets."""
+    ix = data.window_offsets(len(splits[split]), batch_size * dist.world_size, block_size, generator)
+    ix = ix[dist.rank * batch_size:(dist.rank + 1) * batch_size]
+    return *data.windows(splits[split], ix, block_size, device), ix
+
+
+# multidomain: the domain of every val token, so that evaluation reports a loss per domain too
+domains = meta.get('domains', [])
+val_domains = torch.from_numpy(data.token_domains(meta, 'val')) if domains else None
+model_args['vocab_size'] = 64 * math.ceil(meta['vocab_size'] / 64)  # a multiple of 64: faster matmuls
 
 
 # -----------------------------------------------------------------------------
@@ -259,6 +277,9 @@ if init_from == 'resume':
         die(str(e))
     # architecture comes from the checkpoint; the dispatch backend may change (e.g. CPU -> GPU)
     model = model_from_checkpoint(ckpt, expert_impl=expert_impl)
+    if model.config.vocab_size != model_args['vocab_size']:
+        die(f"{out_dir}/ckpt.pt was trained on a vocabulary of {model.config.vocab_size}, but {folder} has "
+            f"{model_args['vocab_size']}: resume with the dataset and tokenizer it was trained on")
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
 else:
     model = GPT(GPTConfig(**model_args))
@@ -266,15 +287,25 @@ model.to(device)
 raw_model = model  # the uncompiled, unwrapped module: its state_dict has no prefixes
 if dist.master:
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active")
+    # the log opens with what the run is, so that plots need nothing but log.jsonl
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps({'iter': iter_num, 'run': {
+            **config, 'tokenizer': tokenizer, 'vocab_size': model.config.vocab_size, 'domains': domains,
+            'params': model.num_params(), 'active_params': model.num_params(active=True),
+            'tokens_per_iter': tokens_per_iter, 'world_size': dist.world_size}}) + '\n')
 flops_per_token = raw_model.flops_per_token()  # of the full model, before EP keeps a slice here
 distributed.apply_expert_parallel(raw_model, dist)  # ep_size > 1: this rank's experts only
 
-# AdamW with weight decay on matrices only: norms' gains are 1-d and are not decayed
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([
-    {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-    {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
-], lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+# AdamW with weight decay on matrices only (norms' gains are 1-d and are not decayed). The routers'
+# parameters may have a learning rate and weight decay of their own (router_lr_scale, decay_router).
+groups = {}  # (weight decay, lr scale) -> parameters
+for name, p in model.named_parameters():
+    router = '.router.' in name
+    decay = weight_decay if p.dim() >= 2 and (decay_router or not router) else 0.0
+    groups.setdefault((decay, router_lr_scale if router else 1.0), []).append(p)
+optimizer = torch.optim.AdamW([{'params': ps, 'weight_decay': wd, 'lr_scale': scale}
+                               for (wd, scale), ps in groups.items()],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if ckpt is not None:
     # checkpoints hold full experts: keep this rank's slice of their moments (any ep_size)
@@ -303,18 +334,28 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches of each split, the same batches at every evaluation."""
+    """Mean loss over eval_iters batches of each split, the same batches at every evaluation; on
+    a multidomain dataset also the val loss of each domain's tokens within those same batches."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
         generator = torch.Generator().manual_seed(seed)
         losses = torch.zeros(eval_iters)
+        domain_sums = torch.zeros(2, len(domains))  # [loss sum, token count] per domain
         for k in range(eval_iters):
-            X, Y = get_batch(split, generator)
+            X, Y, ix = get_batch(split, generator)
             with ctx:
-                _, _, info = model(X, Y)
+                logits, _, info = model(X, Y)
             losses[k] = info['lm_loss'].item()
+            if split == 'val' and domains:
+                token_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(), reduction='none')
+                target_pos = torch.tensor(ix)[:, None] + 1 + torch.arange(block_size)  # [B, T] in val.bin
+                d = val_domains[target_pos.flatten()].long()
+                domain_sums[0] += torch.bincount(d, token_loss.cpu(), minlength=len(domains))
+                domain_sums[1] += torch.bincount(d, minlength=len(domains))
         out[split] = losses.mean().item()
+    for i, name in enumerate(domains):
+        out[f'val_{name}'] = (domain_sums[0, i] / domain_sums[1, i].clamp_min(1)).item()
     model.train()
     return out
 
@@ -329,10 +370,12 @@ def routing_log(info, sparsity):
     r = lambda t: [round(v, 4) for v in t.tolist()]
     record = {
         'sparsity': round(sparsity.item(), 5),
+        'sparsity_tokens': tokens_per_iter,  # what that sparsity was measured on: all micro-steps and ranks
         'sparsity_per_layer': r(info['sparsity'].float()),
         'load_min': r(load.min(-1).values / mean),  # 1.0 everywhere = perfectly balanced
         'load_max': r(load.max(-1).values / mean),
         'load_cv': r(load.std(-1, correction=0) / mean),
+        'load': [r(layer) for layer in load],  # [L_moe][E] fraction of tokens using each expert
         'active_experts': r(info['active'].float()),
         'router_entropy': r(info['entropy'].float()),
         'dropped': r(info['dropped'].float()),
@@ -358,6 +401,7 @@ def checkpoint():
         'optimizer': optimizer_state,
         'model_args': asdict(raw_model.config),
         'config': config,
+        'tokenizer': tokenizer,  # sample.py decodes with it
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'rng': {'torch': torch.get_rng_state(), 'data': data_gen.get_state()},
@@ -382,7 +426,7 @@ t0, timed_iters = time.time(), 0
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group['lr_scale']
     last = iter_num >= max_iters
 
     if iter_num % eval_interval == 0 or last or stop_signal:
@@ -390,8 +434,11 @@ while True:
         # every rank evaluated its own rows: the mean over ranks, so all ranks decide alike
         losses = dict(zip(losses, distributed.all_reduce_mean(torch.tensor(list(losses.values())), dist).tolist()))
         if dist.master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+            per_domain = {name: round(losses[f'val_{name}'], 5) for name in domains}
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  + ''.join(f", {name} {loss:.4f}" for name, loss in per_domain.items()))
+            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+                 **({'val_loss_per_domain': per_domain} if domains else {})})
         improved = losses['val'] < best_val_loss
         if (improved or always_save_checkpoint or stop_signal) and (iter_num > 0 or last):
             best_val_loss = min(best_val_loss, losses['val'])
@@ -407,7 +454,7 @@ while True:
     for micro_step in range(gradient_accumulation_steps):
         if dist.world_size > 1:  # DDP: average gradients only after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-        X, Y = get_batch('train', data_gen)
+        X, Y, _ = get_batch('train', data_gen)
         with ctx:
             _, loss, info = model(X, Y)
             loss = loss / gradient_accumulation_steps
@@ -460,7 +507,8 @@ if sample_tokens > 0 and not stop_signal:
         sampler.load_state_dict(full_state)
     if dist.master:
         print('-' * 40)
-        print(generate_text(sampler, '\n', num_samples=1, max_new_tokens=sample_tokens, device=device)[0])
+        print(generate_text(sampler, tokenizer, '\n', num_samples=1, max_new_tokens=sample_tokens,
+                            device=device)[0])
 distributed.destroy(dist)
 if stop_signal:
     sys.exit(128 + stop_signal)

@@ -1,12 +1,13 @@
-# Expert prototyping (M6-T) on Shakespeare: 8 experts in 2 groups of 4, top-1 inside each group,
-# the two outputs summed (weights not renormalised). Dropless here; --capacity_factor=1.25 turns
-# on M6-T's capacity and token dropping (dropped fractions appear in log.jsonl).
-# Hardware: 2 CPU cores, about 7 minutes (python train.py config/prototype.py).
+# Expert prototyping (M6-T) on Shakespeare (bytes): 8 experts in 2 groups of 4, top-1 inside each
+# group, the two outputs summed (weights not renormalised). Dropless here; --capacity_factor=1.25
+# turns on M6-T's capacity and token dropping (dropped fractions appear in log.jsonl).
+# Hardware: 2 CPU cores, about 5 minutes (python train.py config/prototype.py).
 # Same experts and active parameters per token as configs/topk.py.
 out_dir = 'out-prototype'
-eval_interval = 100
-eval_iters = 10
-max_iters = 300
+dataset = 'shakespeare_char'  # UTF-8 bytes: the MoE layers, not a 50K-token embedding, hold the parameters
+eval_interval = 150
+eval_iters = 20
+max_iters = 1500
 batch_size = 16
 block_size = 128
 n_layer = 4

@@ -1,10 +1,11 @@
-# Top-k softmax MoE on Shakespeare: 8 experts, 2 active per token, every block MoE.
-# Hardware: 2 CPU cores, about 8 minutes (python train.py config/topk.py).
+# Top-k softmax MoE on Shakespeare (bytes): 8 experts, 2 active per token, every block MoE.
+# Hardware: 2 CPU cores, about 5 minutes (python train.py config/topk.py).
 # Same active parameters per token as configs/dense.py, so the two compare at equal compute.
 out_dir = 'out-topk'
-eval_interval = 100
-eval_iters = 10
-max_iters = 300
+dataset = 'shakespeare_char'  # UTF-8 bytes: the MoE layers, not a 50K-token embedding, hold the parameters
+eval_interval = 150
+eval_iters = 20
+max_iters = 1500
 batch_size = 16
 block_size = 128
 n_layer = 4

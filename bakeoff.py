@@ -1,0 +1,203 @@
+"""
+The router lab: train a list of configs x seeds on one dataset with the same tokens and steps,
+then write a results table and plots of what each router does.
+
+    python bakeoff.py                  # every router, 3 seeds, multidomain bytes -> results/default/
+    python bakeoff.py --quick          # every router, 1 seed, 600 steps          -> results/quick/
+    python bakeoff.py --runs=topk,remoe --set=n_expert=16 --name=e16
+    python bakeoff.py --runs="base:remoe,slow:remoe+remoe_alpha=1.1" --dataset=shakespeare_char --name=alpha
+
+A run entry is [label:]config[+key=value...]: a config file from configs/ with train.py overrides
+of its own (the label names it in tables and plots; by default the entry itself). Every run gets
+the same dataset, steps, evaluation and --set overrides; its seed sets both its initialisation and
+its data order, so seed s of every entry sees the same batches. Each run is train.py in a
+subprocess, writing results/<name>/runs/<label>-s<seed>/ (log.jsonl, ckpt.pt, train.log).
+Finished runs are reused and interrupted ones resumed, so a bake-off stopped with Ctrl-C
+continues where it stopped; a folder made with other settings is refused, never overwritten.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import analysis
+import data
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_RUNS = 'dense,topk,remoe,rmoe,remoe-recurrent:remoe+recurrent_router=True,prototype'
+
+
+class LabError(Exception):
+    """A one-line message: what is wrong and what to do."""
+
+
+def parse_runs(text):
+    """'[label:]config[+key=value...]' entries, comma-separated -> [(label, config path, [--k=v])]."""
+    runs = []
+    for entry in (e.strip() for e in text.split(',') if e.strip()):
+        label, _, spec = entry.rpartition(':') if ':' in entry.split('+')[0] else ('', '', entry)
+        config, *overrides = spec.split('+')
+        path = REPO / 'configs' / f'{Path(config).stem}.py'
+        if not path.is_file():
+            known = ', '.join(sorted(p.stem for p in (REPO / 'configs').glob('*.py')))
+            raise LabError(f"run {entry!r}: no config {config!r}; the configs are: {known}")
+        bad = [o for o in overrides if '=' not in o]
+        if bad:
+            raise LabError(f"run {entry!r}: {bad[0]!r} is not key=value (entries are [label:]config[+key=value...])")
+        label = label or spec
+        if not label or any(c in label for c in '/ \t'):
+            raise LabError(f"run {entry!r}: the label {label!r} must be non-empty, without '/' or spaces")
+        runs.append((label, str(path), [f'--{o}' for o in overrides]))
+    labels = [r[0] for r in runs]
+    if len(set(labels)) != len(labels):
+        raise LabError(f"two runs have the same label in {text!r}: label them, as in 'a:topk,b:topk+top_k=1'")
+    if not runs:
+        raise LabError("--runs is empty: name at least one config, e.g. --runs=topk,remoe")
+    return runs
+
+
+def train_argv(config, overrides, common, seed, out_dir):
+    return [config, *common, *overrides, f'--seed={seed}', f'--out_dir={out_dir}']
+
+
+def run_train(argv, log_path):
+    """train.py in a subprocess, its output appended to log_path; returns the exit code. Ctrl-C
+    reaches it too (same process group): it saves a checkpoint and exits, and so does this."""
+    with open(log_path, 'a') as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / 'train.py'), *argv], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()
+            raise
+
+
+def last_line(path):
+    lines = [line for line in Path(path).read_text(errors='replace').splitlines() if line.strip()]
+    return lines[-1] if lines else '(no output)'
+
+
+def dry_run(label, config, overrides, common):
+    """Check an entry cheaply before hours of training: train.py itself, for zero steps, eagerly."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [config, *common, *overrides, f'--out_dir={tmp}/out', '--max_iters=0', '--eval_iters=1',
+                '--compile=False']
+        proc = subprocess.run([sys.executable, str(REPO / 'train.py'), *argv], capture_output=True, text=True,
+                              cwd=REPO)
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            why = lines[-1] if lines else f'exit code {proc.returncode}'
+            raise LabError(f"run {label!r} does not start: {why.removeprefix('error: ')}")
+
+
+def check_folder(folder, settings):
+    """A results folder holds one setting: refuse to mix runs made with another."""
+    path = folder / 'bakeoff.json'
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old['common'] != settings['common']:
+            diff = sorted(set(old['common']) ^ set(settings['common']))
+            raise LabError(f"{folder} holds a bake-off made with other settings ({' '.join(diff)}): "
+                           f"pass --name=<a new name> or delete {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
+
+
+def train_all(folder, runs, seeds, common):
+    """Train every (run, seed) not yet finished, one after another, one line each with an ETA."""
+    jobs = [(label, config, overrides, seed) for label, config, overrides in runs for seed in seeds]
+    durations = []
+    for n, (label, config, overrides, seed) in enumerate(jobs, 1):
+        name = f'{label}-s{seed}'
+        out = folder / 'runs' / name
+        argv = train_argv(config, overrides, common, seed, out)
+        state_path = out / 'run.json'
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        if state and state['argv'] != [str(a) for a in argv]:
+            raise LabError(f"{out} was trained with another command ({' '.join(state['argv'][1:])}): "
+                           f"give this entry another label or delete that folder")
+        if state and state['done']:
+            print(f"[{n}/{len(jobs)}] {name}: done before ({analysis.fmt_minutes(state['seconds'])})")
+            continue
+        resume = state is not None and (out / 'ckpt.pt').exists()
+        left = len(jobs) - n + 1
+        eta = f", bake-off ETA {analysis.fmt_minutes(sum(durations) / len(durations) * left)}" if durations else ''
+        print(f"[{n}/{len(jobs)}] {name}: {'resuming' if resume else 'training'}{eta}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        state = state or {'argv': [str(a) for a in argv], 'done': False, 'seconds': 0.0}
+        state_path.write_text(json.dumps(state, indent=1))
+        t0 = time.time()
+        rc = run_train(argv + (['--init_from=resume'] if resume else []), out / 'train.log')
+        state['seconds'] += time.time() - t0
+        state_path.write_text(json.dumps(state, indent=1))
+        if rc != 0:
+            raise LabError(f"{name} stopped (exit code {rc}): {last_line(out / 'train.log')} "
+                           f"(whole log: {out / 'train.log'}; run again to resume)")
+        state['done'] = True
+        state_path.write_text(json.dumps(state, indent=1))
+        durations.append(time.time() - t0)
+        final = analysis.final_eval(analysis.read_log(out))
+        print(f"[{n}/{len(jobs)}] {name}: val loss {final['val_loss']:.4f} in "
+              f"{analysis.fmt_minutes(time.time() - t0)}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--runs', default=DEFAULT_RUNS, help=f"[label:]config[+key=value...], comma-separated "
+                   f"(default: {DEFAULT_RUNS})")
+    p.add_argument('--seeds', type=int, default=None, help='seeds per run (default 3, --quick 1)')
+    p.add_argument('--dataset', default='multidomain', help="every run's dataset (default multidomain)")
+    p.add_argument('--max_iters', type=int, default=None, help='training steps per run (default 1500, --quick 600)')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='a train.py override for every run (repeatable)')
+    p.add_argument('--quick', action='store_true', help='a first look: 1 seed, 600 steps, results/quick')
+    p.add_argument('--name', default=None, help='results/<name> (default: default, or quick)')
+    p.add_argument('--results', default='results', help='the folder holding every bake-off')
+    p.add_argument('--data_dir', default='data')
+    p.add_argument('--no_plots', action='store_true', help='the table only (needs no matplotlib)')
+    args = p.parse_args(argv)
+    seeds = args.seeds or (1 if args.quick else 3)
+    max_iters = args.max_iters or (600 if args.quick else 1500)
+    folder = Path(args.results) / (args.name or ('quick' if args.quick else 'default'))
+    try:
+        if seeds < 1 or max_iters < 1:
+            raise LabError(f"--seeds={seeds} and --max_iters={max_iters} must be positive")
+        runs = parse_runs(args.runs)
+        bad = [s for s in args.set if '=' not in s]
+        if bad:
+            raise LabError(f"--set={bad[0]!r} is not key=value")
+        if not args.no_plots:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise LabError("the plots need matplotlib: pip install matplotlib, or pass --no_plots") from None
+        data_dir = os.path.abspath(args.data_dir)
+        try:  # once, here: one clear error instead of one per run
+            data.prepare(args.dataset, data_dir)
+        except data.DataError as e:
+            raise LabError(f"dataset {args.dataset!r} cannot be prepared: {e}") from None
+        common = [f'--dataset={args.dataset}', f'--data_dir={data_dir}', f'--max_iters={max_iters}',
+                  f'--eval_interval={max(1, max_iters // 10)}', '--eval_iters=40', '--log_interval=1',
+                  '--sample_tokens=0', *[f'--{s}' for s in args.set]]
+        check_folder(folder, {'common': common, 'argv': sys.argv[1:] if argv is None else argv})
+        for label, config, overrides in runs:
+            if not (folder / 'runs' / f'{label}-s1337' / 'run.json').exists():
+                dry_run(label, config, overrides, common)
+        train_all(folder, runs, [1337 + i for i in range(seeds)], common)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the runs saved checkpoints; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    import report  # the table and plots of the finished runs
+    report.write(folder, runs, [1337 + i for i in range(seeds)], plots=not args.no_plots)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,184 @@
+"""
+A bake-off's results, from its finished runs: results/<name>/results.md (tables and the papers'
+claims checked against the numbers) and the PNG figures beside it. bakeoff.py calls write() after
+training; every number comes from the runs' log.jsonl and ckpt.pt files (analysis.py).
+"""
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import analysis
+
+
+def kind(run):
+    """What a run's config makes of its MoE layers: 'dense', 'topk', 'remoe', 'topk-recurrent', ..."""
+    if run['moe_every'] == 0:
+        return 'dense'
+    return run['router'] + ('-recurrent' if run['recurrent_router'] else '')
+
+
+def summarize(folder, runs, seeds):
+    """Per label, the numbers of each seed's run (lists over seeds) and its first seed's snapshot."""
+    rows = {}
+    for label, _, _ in runs:
+        dirs = [folder / 'runs' / f'{label}-s{seed}' for seed in seeds]
+        logs = [analysis.read_log(d) for d in dirs]
+        finals = [analysis.final_eval(log) for log in logs]
+        snaps = [analysis.routing_snapshot(d, n_windows=256) for d in dirs]
+        loads = [analysis.expert_load(log) for log in logs]
+        row = {
+            'dirs': dirs, 'run': logs[0].run, 'kind': kind(logs[0].run), 'snap': snaps[0],
+            'val': [f['val_loss'] for f in finals],
+            'domains': {d: [f['val_loss_per_domain'][d] for f in finals] for d in logs[0].run.get('domains', [])},
+            'tokens_per_sec': [analysis.tokens_per_sec(log) for log in logs],
+            'seconds': [json.loads((d / 'run.json').read_text())['seconds'] for d in dirs],
+            'load': None if loads[0] is None else np.mean(loads, axis=0),
+            'dead': None if loads[0] is None else [int(analysis.dead_experts(x).sum()) for x in loads],
+            'load_cv': None if loads[0] is None else [float(analysis.load_cv(x).mean()) for x in loads],
+            'experts': None if loads[0] is None else np.mean([log.steps[-1]['active_experts'] for log in logs], axis=0),
+            'controller': [analysis.remoe_controller(log) for log in logs],
+        }
+        if snaps[0] is not None:
+            row['cross_mi'] = [analysis.cross_layer_mutual_information(s) for s in snaps]
+            if snaps[0]['domains'] is not None:
+                row['domain_mi'] = [float(np.mean(analysis.domain_mutual_information(s))) for s in snaps]
+            row['rho'] = [analysis.spearman(*analysis.experts_per_token_by_id(s)[1:]) for s in snaps]
+        rows[label] = row
+    return rows
+
+
+def pm(values, digits=4):
+    mean, std = analysis.mean_std(values)
+    return f'{mean:.{digits}f} ± {std:.{digits}f}' if len(values) > 1 else f'{mean:.{digits}f}'
+
+
+def tables(rows):
+    first = next(iter(rows.values()))
+    domains = list(first['domains'])
+    lines = ['| run | active / total params | val loss | ' + ' | '.join(domains) + (' | ' if domains else '')
+             + 'tokens/s | wall time |', '|---' * (5 + len(domains)) + '|']
+    best = min(np.mean(r['val']) for r in rows.values())
+    for label, r in rows.items():
+        val = pm(r['val'])
+        val = f'**{val}**' if np.mean(r['val']) == best else val
+        lines.append(f"| {label} | {analysis.fmt_params(r['run']['active_params'])} / "
+                     f"{analysis.fmt_params(r['run']['params'])} | {val} | "
+                     + ''.join(f"{pm(r['domains'][d], 3)} | " for d in domains)
+                     + f"{np.mean(r['tokens_per_sec']):,.0f} | {analysis.fmt_minutes(np.mean(r['seconds']))} |")
+    routed = {k: r for k, r in rows.items() if r['load'] is not None}
+    if routed:
+        lines += ['', '| run | experts per token, by layer | load CV | dead experts (per seed) | '
+                  'I(domain; expert), bits | cross-layer MI, bits | ρ(frequency, experts) |', '|---' * 7 + '|']
+        for label, r in routed.items():
+            lines.append(f"| {label} | {' / '.join(f'{x:.2f}' for x in r['experts'])} | {np.mean(r['load_cv']):.2f} | "
+                         f"{', '.join(map(str, r['dead']))} | "
+                         f"{pm(r['domain_mi'], 3) if 'domain_mi' in r else '-'} | {pm(r['cross_mi'], 3)} | "
+                         f"{pm(r['rho'], 2)} |")
+    controlled = {k: r for k, r in rows.items() if r['controller'][0] is not None}
+    if controlled:
+        lines += ['', '| run | settles in ±0.02 at step | spread after | max \\|S − S*\\| after step 200 | '
+                  'λ peak | min λ after stage II | final λ |', '|---' * 7 + '|']
+        for label, r in controlled.items():
+            c = r['controller']
+            settle = ', '.join('never' if x['settle_iter'] is None else str(x['settle_iter']) for x in c)
+            lines.append(f"| {label} | {settle} | {np.mean([x['spread'] for x in c]):.4f} | "
+                         f"{np.mean([x['max_dev_after_200'] for x in c]):.3f} | "
+                         f"{np.exp(np.mean(np.log([x['lambda_peak'] for x in c]))):.1e} | "
+                         f"{min(x['min_lambda_after'] for x in c):.1e} | "
+                         f"{np.exp(np.mean(np.log([x['final_lambda'] for x in c]))):.1e} |")
+    return lines
+
+
+def _one(rows, name, n_expert=None):
+    """The single label of a kind (at a given E), or None if there is none or several."""
+    found = [k for k, r in rows.items() if r['kind'] == name and (n_expert is None or r['run']['n_expert'] == n_expert)]
+    return found[0] if len(found) == 1 else None
+
+
+def claims(rows):
+    """Each paper claim this bake-off can test, as a line saying whether it holds, with the numbers."""
+    out = []
+    mean = {k: np.mean(r['val']) for k, r in rows.items()}
+    std = {k: analysis.mean_std(r['val'])[1] for k, r in rows.items()}
+
+    def order(claim, source, labels):
+        if None in labels:
+            return
+        vals = [mean[k] for k in labels]
+        holds = all(a < b for a, b in zip(vals, vals[1:]))
+        gaps = [b - a for a, b in zip(vals, vals[1:])]
+        noise = max(std[k] for k in labels)
+        note = 'within seed noise' if min(abs(g) for g in gaps) < 2 * noise else 'gaps above twice the seed std'
+        out.append(f"- {claim} ({source}): **{'holds' if holds else 'does not hold'}**: "
+                   + ' vs '.join(f'{k} {mean[k]:.4f}' for k in labels)
+                   + f" (gaps {', '.join(f'{g:+.4f}' for g in gaps)}; largest seed std {noise:.4f}; {note})")
+
+    order('ReMoE < top-k < dense in validation loss', 'ReMoE §4.2, Fig. 6',
+          [_one(rows, 'remoe'), _one(rows, 'topk'), _one(rows, 'dense')])
+    order('RMoE < top-k', 'RMoE Table 1', [_one(rows, 'topk-recurrent'), _one(rows, 'topk')])
+    order('expert prototyping < top-k at equal compute', 'M6-T abstract', [_one(rows, 'prototype'), _one(rows, 'topk')])
+    order('recurrent ReMoE < ReMoE (the GRU helps ReLU routing too; no paper tests it)', 'this repo',
+          [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
+    experts = sorted({r['run']['n_expert'] for r in rows.values()})
+    pairs = [(e, _one(rows, 'topk', e), _one(rows, 'remoe', e)) for e in experts]
+    pairs = [(e, t, r) for e, t, r in pairs if t and r]
+    if len(pairs) >= 2:
+        gaps = [mean[t] - mean[r] for _, t, r in pairs]
+        holds = all(a < b for a, b in zip(gaps, gaps[1:]))
+        out.append(f"- ReMoE's gain over top-k grows with E (ReMoE Fig. 6b): **{'holds' if holds else 'does not hold'}**: "
+                   + ', '.join(f'E={e}: {g:+.4f}' for (e, _, _), g in zip(pairs, gaps)))
+    remoe = _one(rows, 'remoe')
+    if remoe and 'rho' in rows[remoe]:
+        rho = np.mean(rows[remoe]['rho'])
+        out.append(f"- rare tokens get more experts under ReMoE (ReMoE Fig. 7): **{'holds' if rho < 0 else 'does not hold'}**: "
+                   f"Spearman ρ between a token's training frequency and its experts per layer = {rho:+.2f}")
+    topk = _one(rows, 'topk')
+    if remoe and topk and 'domain_mi' in rows[remoe]:
+        a, b = np.mean(rows[remoe]['domain_mi']), np.mean(rows[topk]['domain_mi'])
+        out.append(f"- ReMoE's experts specialise by domain more than top-k's (ReMoE Fig. 9): "
+                   f"**{'holds' if a > b else 'does not hold'}**: I(domain; expert) {a:.3f} vs {b:.3f} bits "
+                   f"(mean over layers; 0 = no specialisation)")
+    rmoe = _one(rows, 'topk-recurrent')
+    if rmoe and topk:
+        a, b = np.mean(rows[rmoe]['cross_mi']), np.mean(rows[topk]['cross_mi'])
+        out.append(f"- RMoE's routing carries more information from layer to layer (RMoE Fig. 3): "
+                   f"**{'holds' if a > b else 'does not hold'}**: {a:.3f} vs {b:.3f} bits between consecutive layers")
+    return out
+
+
+def write(folder, runs, seeds, plots=True):
+    """results.md (and, with plots, the figures) for the finished runs of a bake-off folder.
+    runs: bakeoff.parse_runs' entries; seeds: the list of seeds."""
+    folder = Path(folder)
+    rows = summarize(folder, runs, seeds)
+    settings = json.loads((folder / 'bakeoff.json').read_text())
+    first = next(iter(rows.values()))['run']
+    per_iter = {r['run']['tokens_per_iter'] for r in rows.values()}
+    lines = [f'# Bake-off: {folder}', '',
+             f"`python bakeoff.py {' '.join(settings['argv'])}`".replace('`python bakeoff.py `', '`python bakeoff.py`'),
+             '',
+             f"{first['dataset']} ({first['tokenizer']}), {first['max_iters']:,} steps of "
+             f"{first['tokens_per_iter']:,} tokens ({first['max_iters'] * first['tokens_per_iter'] / 1e6:.2f}M per run)"
+             f", seeds {', '.join(map(str, seeds))}. {platform.machine()}, {os.cpu_count()} cores, "
+             f"torch {torch.__version__}, {datetime.date.today()}. Val loss: mean ± std over seeds"
+             f" ({'nats per byte' if first['tokenizer'] == 'bytes' else 'nats per token'}); the best in bold.", '']
+    if len(per_iter) > 1:
+        lines += [f'**Warning:** the runs differ in tokens per step ({sorted(per_iter)}).', '']
+    lines += tables(rows) + ['', '## Paper claims at this scale', ''] + (claims(rows) or ['- none of the claims apply to these runs'])
+    if plots:
+        import plots as figures
+        by_label = {label: r['dirs'] for label, r in rows.items()}
+        made = [figures.val_loss(by_label, folder / 'val_loss.png'),
+                figures.remoe_dynamics(by_label, folder / 'remoe_dynamics.png'),
+                figures.expert_load({k: r['load'] for k, r in rows.items()}, folder / 'expert_load.png'),
+                figures.rare_tokens({k: r['snap'] for k, r in rows.items()}, folder / 'rare_tokens.png'),
+                figures.domain_routing({k: r['snap'] for k, r in rows.items()}, folder / 'domain_routing.png')]
+        lines += ['', '## Figures', ''] + [f'![{Path(p).stem}]({Path(p).name})' for p in made if p]
+    (folder / 'results.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    print(f'\nwrote {folder}/results.md')
