@@ -289,6 +289,45 @@ def test_remoe_controller_reaches_and_holds_the_target_sparsity():
         assert after == pytest.approx(before * (1.2 if s < goal else 1 / 1.2), rel=1e-6)
 
 
+@pytest.mark.parametrize('floor', [True, False])
+def test_remoe_controller_recovers_from_above(floor):
+    """The toy above, started too sparse (every logit pushed down: sparsity 0.99, three experts dead
+    on every token) after λ was divided for 600 steps, as in a run that stayed above its target.
+    With the floor λ rests at λ0 and the sparsity is back in its band within 150 steps and stays;
+    without it λ sits in float32's denormals, cannot grow, and the sparsity overshoots far below."""
+    E, K, D, steps = 8, 1, 16, 400
+    moe, _ = remoe_layer(E=E, K=K, D=D, H=16, seed=0, remoe_lambda_floor=floor)
+    torch.manual_seed(0)
+    mean = 2 * torch.randn(D)
+    x = torch.randn(1, 256, D) + mean
+    teacher = nn.Sequential(nn.Linear(D, 64), nn.Tanh(), nn.Linear(64, D))
+    with torch.no_grad():
+        target = teacher(x)
+        moe.router.w_g.weight -= 2 * mean / mean.square().sum()  # every logit lowered by 2
+        for _ in range(600):
+            moe.router.update(torch.tensor(0.99))
+    opt = torch.optim.AdamW(moe.parameters(), lr=3e-3)
+    sparsity, alive = [], []
+    for _ in range(steps):
+        y, aux_loss, stats, _ = moe(x, None)
+        alive.append(int((stats['load'] > 0).sum()))
+        ((y - target).square().mean() + aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        moe.router.update(stats['sparsity'])
+        sparsity.append(stats['sparsity'].item())
+    goal = 1 - K / E
+    assert sparsity[0] > 0.95 and alive[0] == E - 3
+    tail = torch.tensor(sparsity[-200:])
+    if floor:  # each step's sparsity swings by ~±0.05 (Adam at 3e-3); its 20-step mean holds the band
+        smooth = torch.tensor(sparsity).unfold(0, 20, 1).mean(1)  # [steps - 19]
+        outside = ((smooth - goal).abs() > 0.02).nonzero()
+        assert outside.max().item() + 20 < 150  # in the band for good within 150 steps
+        assert alive[-1] == alive[0]  # an expert off for every token gets no gradient: it stays dead
+    else:
+        assert moe.router.lam.item() < 1e-44 and tail.max().item() < goal - 0.3
+
+
 def test_remoe_lambda_survives_checkpoints_casts_and_eval():
     config = GPTConfig(n_layer=2, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=1, router='remoe',
                        block_size=8, vocab_size=32, remoe_lambda0=1e-8)
