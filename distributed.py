@@ -268,9 +268,13 @@ def sync_expert_grads(model, d):
 
 def clip_grad_norm_(model, max_norm, d):
     """torch.nn.utils.clip_grad_norm_ over the whole model, with the expert slices' squares
-    summed over the EP group so every rank sees the norm of the full gradient."""
+    summed over the EP group so every rank sees the norm of the full gradient. Returns that norm
+    (a 0-d tensor); max_norm=0 only measures it."""
     experts = expert_params(model)
     if not experts:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if max_norm == 0:
+            return torch.nn.utils.get_total_norm(grads)
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     ids = {id(p) for p in experts}
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -279,7 +283,8 @@ def clip_grad_norm_(model, max_norm, d):
     expert_sq = sq(p.grad for p in experts if p.grad is not None)
     dist.all_reduce(expert_sq, group=d.ep_group)
     total = (sq(dense) + expert_sq).sqrt()
-    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    if max_norm > 0:
+        torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total
 
 # -----------------------------------------------------------------------------

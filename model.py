@@ -86,6 +86,9 @@ class GPTConfig:
             raise ValueError(f"moe_every={self.moe_every} must be >= 0 (0 means a dense model)")
         if self.moe_every == 0:
             return
+        if self.n_moe_layers() == 0:
+            raise ValueError(f"moe_every={self.moe_every} with n_layer={self.n_layer} makes no MoE layer (block i is "
+                             f"MoE when (i + 1) % moe_every == 0): use moe_every <= n_layer, or 0 for a dense model")
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r} is not one of {', '.join(ROUTERS)}")
         if self.expert_impl not in EXPERT_IMPLS:
@@ -337,10 +340,31 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(ckpt, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never half a file."""
+    """Write atomically: the new checkpoint goes to a temp file, is flushed to the disk, and only
+    then replaces the old one (a rename is atomic), so a process killed at any instant, or a
+    machine that loses power, leaves the previous checkpoint or the new one, never half a file."""
     tmp = f'{path}.tmp'
-    torch.save(ckpt, tmp)
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:  # the rename itself is on the disk once the folder is
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def all_finite(state):
+    """True if every tensor in a (nested) state dict is free of NaN and inf."""
+    if torch.is_tensor(state):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return True
 
 
 def load_checkpoint(path, device='cpu'):

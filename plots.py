@@ -148,7 +148,8 @@ def expert_load(loads, path):
 def _byte_label(token_id, tokenizer):
     if tokenizer != 'bytes':
         return str(token_id)
-    return {10: '\\n', 32: 'space', 9: '\\t'}.get(token_id, chr(token_id) if 32 < token_id < 127 else f'0x{token_id:02x}')
+    named = {10: '\\n', 32: 'space', 9: '\\t'}
+    return named.get(token_id, chr(token_id) if 32 < token_id < 127 else f'0x{token_id:02x}')
 
 
 def rare_tokens(snaps, path):

@@ -130,12 +130,14 @@ def claims(rows):
     if len(pairs) >= 2:
         gaps = [mean[t] - mean[r] for _, t, r in pairs]
         holds = all(a < b for a, b in zip(gaps, gaps[1:]))
-        out.append(f"- ReMoE's gain over top-k grows with E (ReMoE Fig. 6b): **{'holds' if holds else 'does not hold'}**: "
+        out.append(f"- ReMoE's gain over top-k grows with E (ReMoE Fig. 6b): "
+                   f"**{'holds' if holds else 'does not hold'}**: "
                    + ', '.join(f'E={e}: {g:+.4f}' for (e, _, _), g in zip(pairs, gaps)))
     remoe = _one(rows, 'remoe')
     if remoe and 'rho' in rows[remoe]:
         rho = np.mean(rows[remoe]['rho'])
-        out.append(f"- rare tokens get more experts under ReMoE (ReMoE Fig. 7): **{'holds' if rho < 0 else 'does not hold'}**: "
+        out.append(f"- rare tokens get more experts under ReMoE (ReMoE Fig. 7): "
+                   f"**{'holds' if rho < 0 else 'does not hold'}**: "
                    f"Spearman ρ between a token's training frequency and its experts per layer = {rho:+.2f}")
     topk = _one(rows, 'topk')
     if remoe and topk and 'domain_mi' in rows[remoe]:
@@ -169,7 +171,8 @@ def write(folder, runs, seeds, plots=True):
              f" ({'nats per byte' if first['tokenizer'] == 'bytes' else 'nats per token'}); the best in bold.", '']
     if len(per_iter) > 1:
         lines += [f'**Warning:** the runs differ in tokens per step ({sorted(per_iter)}).', '']
-    lines += tables(rows) + ['', '## Paper claims at this scale', ''] + (claims(rows) or ['- none of the claims apply to these runs'])
+    lines += tables(rows) + ['', '## Paper claims at this scale', '']
+    lines += claims(rows) or ['- none of the claims apply to these runs']
     if plots:
         import plots as figures
         by_label = {label: r['dirs'] for label, r in rows.items()}

@@ -64,8 +64,8 @@ def main(argv=None):
     except (CheckpointError, data.DataError) as e:
         die(str(e))
     # checkpoints from before the byte-level datasets hold no tokenizer: they are all GPT-2 BPE
-    texts = generate_text(model, ckpt.get('tokenizer', 'gpt2'), start, args.num_samples, args.max_new_tokens, args.temperature,
-                          args.top_k or None, device)
+    texts = generate_text(model, ckpt.get('tokenizer', 'gpt2'), start, args.num_samples, args.max_new_tokens,
+                          args.temperature, args.top_k or None, device)
     for text in texts:
         print(text)
         print('-' * 40)

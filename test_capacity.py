@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
 from routers import capacity_keep, make_router
-from test_routers import build_prototype  # also loads the repo's hypothesis profile
+from test_routers import build_prototype
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 import distributed
 from experts import Experts
-from test_train import TINY, data_dir, read_log, run  # noqa: F401 (data_dir is a fixture)
+from conftest import TINY, read_log, run
 
 WORLD = 2
 

@@ -10,12 +10,8 @@ Shape legend as in experts.py: N tokens, E experts, K active per token, D width,
 
 import copy
 import importlib.util
-import os
 
 import torch
-
-if not torch.cuda.is_available():  # read when kernels.py is imported, so before anything imports it
-    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -9,12 +9,8 @@ is imported. It runs every program of a launch in Python, so the shapes here sta
 Shape legend as in kernels.py: N tokens, E experts, D width, H expert hidden, M active pairs.
 """
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import pytest
 

@@ -9,16 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from experts import moe_ffn, swiglu
 from model import GPT, MoE, GPTConfig
 from routers import TopKRouter, make_router, remoe_l1, routing_stats, switch_balance_loss, z_loss
-
-settings.register_profile('repo', max_examples=30, deadline=None)
-settings.load_profile('repo')
-
 
 @st.composite
 def topk_setups(draw):

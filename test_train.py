@@ -3,43 +3,12 @@ End-to-end tests of the real entry points (train.py, sample.py) in subprocesses,
 trained on the default data (Shakespeare as bytes), plus fullgraph compile against eager.
 """
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent
-TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--ffn_hidden=32', '--n_expert=4', '--top_k=2',
-        '--block_size=32', '--batch_size=4', '--eval_iters=2', '--sample_tokens=0', '--compile=False']
-
-
-def run(script, *args, cwd, ok=True, env=None, launcher=()):
-    proc = subprocess.run([*(launcher or [sys.executable]), str(REPO / script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-    if ok:
-        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def read_log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-    """The default dataset, prepared once for the whole session by train.py itself."""
-    d = tmp_path_factory.mktemp('data')
-    run('train.py', *TINY, f'--data_dir={d}', '--max_iters=0', f'--out_dir={d}/warmup', cwd=d)
-    assert (d / 'shakespeare_char' / 'train.bin').exists() and (d / 'shakespeare_char' / 'meta.json').exists()
-    return d
-
-
-def train(tmp, data_dir, *args, **kw):
-    return run('train.py', *TINY, f'--data_dir={data_dir}', *args, cwd=tmp, **kw)
+from conftest import REPO, TINY, read_log, run, run_in_process, train
 
 
 def test_loss_goes_down_and_log_has_routing_stats(tmp_path, data_dir):
@@ -89,8 +58,8 @@ def test_sample_prints_text(tmp_path, data_dir):
 
 def test_config_file_spellings_and_torchrun(tmp_path, data_dir):
     quick = ['--max_iters=0', '--n_layer=1', '--eval_iters=1']
-    for spelling in ('configs/topk.py', 'config/topk.py', 'topk'):
-        proc = train(tmp_path, data_dir, spelling, *quick, f'--out_dir={tmp_path}/o')
+    for i, spelling in enumerate(('configs/topk.py', 'config/topk.py', 'topk')):
+        proc = train(tmp_path, data_dir, spelling, *quick, f'--out_dir={tmp_path}/o{i}')
         assert 'parameters:' in proc.stdout
     proc = train(tmp_path, data_dir, '--max_iters=2', f'--out_dir={tmp_path}/tr',
                  launcher=[sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1'])
@@ -144,7 +113,6 @@ def test_vocabulary_and_tokenizer_follow_the_dataset(tmp_path, data_dir):
 def test_val_loss_per_domain(tmp_path, monkeypatch):
     """multidomain: every evaluation logs a val loss per domain, beside the overall one. train.py
     runs in this process, so that a stand-in for Django's docs (otherwise a download) takes effect."""
-    import runpy
     import tarfile
 
     import corpora
@@ -154,10 +122,9 @@ def test_val_loss_per_domain(tmp_path, monkeypatch):
         tar.add(REPO / 'data.py', arcname='django-5.2.19/docs/data.txt')
     monkeypatch.setattr(corpora, 'django_archive', lambda download_dir: str(archive))
     monkeypatch.setattr(corpora, 'DOMAIN_BYTES', 60_000)
-    monkeypatch.setattr(sys, 'argv', ['train.py', *TINY, '--dataset=multidomain', f'--data_dir={tmp_path}/data',
-                                      '--max_iters=4', '--eval_interval=2', f'--out_dir={tmp_path}/out'])
     monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(REPO / 'train.py'), run_name='__main__')
+    assert run_in_process(monkeypatch, [*TINY, '--dataset=multidomain', f'--data_dir={tmp_path}/data',
+                                        '--max_iters=4', '--eval_interval=2', f'--out_dir={tmp_path}/out']) == 0
     evals = [r for r in read_log(tmp_path / 'out') if 'val_loss' in r]
     assert [r['iter'] for r in evals] == [0, 2, 4]
     for r in evals:

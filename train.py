@@ -17,19 +17,26 @@ import math
 import os
 import signal
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# Ctrl-C and SIGTERM are taken by a thread of their own (watch_signals, below), so that they are
+# seen at once even while a long step runs in C++. Every other thread blocks them, and threads
+# inherit the mask of the thread that starts them: so it is set here, before torch starts any.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
-import data
-import distributed
-from experts import EXPERT_IMPLS, resolve_impl
-from model import GPT, CheckpointError, GPTConfig, device_peak_flops, load_checkpoint, model_from_checkpoint
-from model import save_checkpoint
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import data  # noqa: E402
+import distributed  # noqa: E402
+from experts import EXPERT_IMPLS, resolve_impl  # noqa: E402
+from model import GPT, CheckpointError, GPTConfig, device_peak_flops, load_checkpoint, model_from_checkpoint  # noqa: E402
+from model import all_finite, save_checkpoint  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # default config values: a top-k MoE on Shakespeare's bytes that trains on 2 CPU cores in ~5 minutes
@@ -87,6 +94,7 @@ router_lr_scale = 1.0  # the routers' learning rate is learning_rate times this
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = no clipping
+max_skipped_steps = 5  # a step with a NaN/inf gradient is skipped; this many in a row stop the run
 # learning rate schedule: linear warm-up, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 30
@@ -159,8 +167,36 @@ def parse_config(argv, config):
 
 
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-config = parse_config(sys.argv[1:], {k: globals()[k] for k in config_keys})
+defaults = {k: globals()[k] for k in config_keys}
+config = parse_config(sys.argv[1:], dict(defaults))
 globals().update(config)  # the rest of the script reads plain names, as in nanoGPT
+
+# Ctrl-C or a scheduler's SIGTERM during training: the step under way finishes, a checkpoint is
+# saved (without evaluating: that can take long) and the run exits; --init_from=resume picks it
+# up. A second one, a second or more after the first, ends the process at once, even inside a long
+# step; the checkpoint on disk is then the last one completed (writes are atomic). Signals that
+# come together count once: under torchrun, Ctrl-C brings SIGINT from the terminal and SIGTERM
+# from torchrun. Before training starts there is nothing to save: the first one ends the run.
+stop_signal, stop_time, training = None, 0.0, False
+
+
+def watch_signals():
+    global stop_signal, stop_time
+    while True:
+        signum = signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        name = signal.Signals(signum).name
+        if stop_signal is not None and time.time() - stop_time < 1.0:
+            continue
+        if stop_signal is not None or not training:
+            if int(os.environ.get('RANK', 0)) == 0:
+                print(f"{name}: stopping now, without saving", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop_signal, stop_time = signum, time.time()
+        if int(os.environ.get('RANK', 0)) == 0:
+            print(f"{name}: saving a checkpoint after this step, then stopping (again to stop at once)", flush=True)
+
+
+threading.Thread(target=watch_signals, daemon=True).start()
 
 # -----------------------------------------------------------------------------
 # checks that need no model: each bad value is a one-line error
@@ -186,6 +222,11 @@ if device not in ('cpu', 'mps') and not device.startswith('cuda'):
 dtype = dtype or ('bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32')
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype={dtype!r} is not float32, bfloat16 or float16")
+if dtype == 'float16' and not device.startswith('cuda'):
+    die(f"dtype='float16' needs a CUDA GPU (on {device} it is emulated, many times slower): "
+        f"use --dtype=float32 or bfloat16")
+if max_skipped_steps < 0:
+    die(f"max_skipped_steps={max_skipped_steps} must be >= 0")
 lr_decay_iters = lr_decay_iters or max_iters
 if moe_every > 0 and expert_impl in EXPERT_IMPLS:  # a dispatch backend this device cannot run
     try:
@@ -212,6 +253,29 @@ if ep_size != 1:  # expert parallelism: checked before any process group exists
         die(f"ep_size={ep_size} runs eagerly: add --compile=False")
 if dist_timeout <= 0:
     die(f"dist_timeout={dist_timeout} must be > 0 seconds")
+# an option the run would ignore is a mistake, not a no-op: say so instead of training without it
+softmax_only = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction')  # (renorm, capacity: GPTConfig)
+remoe_only = ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
+moe_only = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'expert_impl', 'expert_granularity',
+            'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', *softmax_only, *remoe_only)
+ignored = {key: 'in a dense model (moe_every=0)' for key in moe_only} if moe_every == 0 else {
+    **{key: f"with router={router!r}" for key in (softmax_only if router == 'remoe' else remoe_only)},
+    **({} if recurrent_router else {'rmoe_dim': 'without recurrent_router=True'})}
+ignored.update({key: f"with dataset={dataset!r}" for key in ('hf_name', 'hf_files', 'hf_max_tokens')
+                if dataset != 'web'})
+ignored.update({'data_files': f"with dataset={dataset!r}"} if dataset != 'textfiles' else {})
+for key, why in ignored.items():
+    if config[key] != defaults[key]:
+        die(f"{key}={config[key]!r} has no effect {why}: remove it")
+if int(os.environ.get('RANK', 0)) == 0:  # the writer: before any work, not after it
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        die(f"out_dir={out_dir!r} is not writable ({e.strerror}): pass --out_dir=<a folder you can write to>")
+    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
+        die(f"{out_dir}/ckpt.pt holds an earlier run that a new one would overwrite: continue it with "
+            f"--init_from=resume, or train in another --out_dir (or delete that one)")
 
 # -----------------------------------------------------------------------------
 # processes, devices, data
@@ -391,11 +455,22 @@ def log(record):
 
 
 def checkpoint():
-    # every rank calls: the expert slices are gathered (collective); rank 0 writes the full model
+    """Every rank calls (the expert slices are gathered); rank 0 writes the full model, unless a
+    weight or an optimizer moment is NaN/inf: the last good checkpoint is never replaced by those."""
+    global last_saved
     model_state = distributed.full_state_dict(raw_model, dist)
     optimizer_state = distributed.full_optimizer_state(optimizer, raw_model, dist)
     if not dist.master:
         return
+    problem = ('the last steps had NaN/inf gradients' if skipped else
+               'the weights or the optimizer state hold NaN/inf' if not all_finite(model_state)
+               or not all_finite(optimizer_state['state']) else None)
+    if problem:  # a diverging run: keep the checkpoint that came before it
+        print(f"not saving iteration {iter_num}: {problem} ({out_dir}/ckpt.pt stays the one from "
+              f"{describe(last_saved)})")
+        return
+    last_saved = iter_num
+    print(f"saved checkpoint to {out_dir}/ckpt.pt")
     save_checkpoint({
         'model': model_state,
         'optimizer': optimizer_state,
@@ -408,17 +483,13 @@ def checkpoint():
     }, os.path.join(out_dir, 'ckpt.pt'))
 
 
-# Ctrl-C or a scheduler's SIGTERM: finish the step, save a checkpoint, exit; resume picks it up
-stop_signal = None
+def describe(it):
+    return 'none: no checkpoint was written' if it is None else f'iteration {it}'
 
 
-def request_stop(signum, frame):
-    global stop_signal
-    stop_signal = signum
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
+last_saved = iter_num if init_from == 'resume' else None  # iteration of the checkpoint on disk
+skipped = 0  # steps in a row whose gradient was not finite
+training = True  # from here on, a first Ctrl-C / SIGTERM saves before stopping
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -429,7 +500,14 @@ while True:
         group['lr'] = lr * group['lr_scale']
     last = iter_num >= max_iters
 
-    if iter_num % eval_interval == 0 or last or stop_signal:
+    if dist.world_size > 1:  # every rank stops at the same step, whichever ranks got the signal
+        flag = torch.tensor(float(stop_signal is not None), device=device)
+        if distributed.all_reduce_mean(flag, dist).item() > 0 and stop_signal is None:
+            stop_signal = signal.SIGTERM
+    if stop_signal:
+        checkpoint()
+        break
+    if iter_num % eval_interval == 0 or last:
         losses = estimate_loss()
         # every rank evaluated its own rows: the mean over ranks, so all ranks decide alike
         losses = dict(zip(losses, distributed.all_reduce_mean(torch.tensor(list(losses.values())), dist).tolist()))
@@ -440,14 +518,12 @@ while True:
             log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
                  **({'val_loss_per_domain': per_domain} if domains else {})})
         improved = losses['val'] < best_val_loss
-        if (improved or always_save_checkpoint or stop_signal) and (iter_num > 0 or last):
+        if (improved or always_save_checkpoint) and (iter_num > 0 or last) and math.isfinite(losses['val']):
             best_val_loss = min(best_val_loss, losses['val'])
             checkpoint()
-            if dist.master:
-                print(f"saved checkpoint to {out_dir}/ckpt.pt")
         t0, timed_iters = time.time(), 0  # evaluation time is not training time
         distributed.a2a_stats.update(bytes=0, seconds=0.0)  # nor is its all-to-all
-    if last or eval_only or stop_signal:
+    if last or eval_only:
         break
 
     sparsity = torch.zeros((), device=device)  # of this step's training forwards, MoE layers only
@@ -462,15 +538,28 @@ while True:
         if 'sparsity' in info:
             sparsity += info['sparsity'].float().mean() / gradient_accumulation_steps
     distributed.sync_expert_grads(raw_model, dist)  # EP: expert grads to DDP's mean over ranks
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        distributed.clip_grad_norm_(raw_model, grad_clip, dist)  # EP: the norm of the full gradient
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    # ReMoE eq. 7 runs here, once per optimizer step, from the sparsity of this step only
+    scaler.unscale_(optimizer)
+    # the norm of the full gradient (EP-aware; grad_clip=0 only measures it), the same on every rank
+    grad_norm = distributed.clip_grad_norm_(raw_model, grad_clip, dist).item()
     sparsity = distributed.all_reduce_mean(sparsity, dist)
-    raw_model.update_routers(sparsity)
+    if math.isfinite(grad_norm) or scaler.is_enabled():  # float16: the scaler skips such steps itself
+        skipped = 0
+        scaler.step(optimizer)
+        scaler.update()
+        raw_model.update_routers(sparsity)  # ReMoE eq. 7, once per optimizer step, from this step only
+    else:  # one NaN/inf gradient: skip the step, as large trainers do; several in a row: diverged
+        skipped += 1
+        if dist.master:
+            print(f"iter {iter_num}: skipped, gradient norm {grad_norm} ({skipped} in a row)")
+        if skipped > max_skipped_steps:
+            if dist.master:
+                print(f"error: training diverged at iteration {iter_num}: {skipped} steps in a row with a "
+                      f"NaN/inf gradient; the last good checkpoint is {out_dir}/ckpt.pt from "
+                      f"{describe(last_saved)}: resume it with a lower --learning_rate or a --grad_clip",
+                      file=sys.stderr)
+            distributed.destroy(dist)
+            sys.exit(4)
+    optimizer.zero_grad(set_to_none=True)
     timed_iters += 1
 
     if iter_num % log_interval == 0 and dist.world_size > 1:
@@ -484,7 +573,7 @@ while True:
         tokens_per_sec = n_iters * tokens_per_iter / dt
         mfu = flops_per_token * tokens_per_sec / (peak_flops * dist.world_size)
         lossf = loss.item() * gradient_accumulation_steps
-        record = {'iter': iter_num, 'loss': lossf, 'lm_loss': info['lm_loss'].item(),
+        record = {'iter': iter_num, 'loss': lossf, 'lm_loss': info['lm_loss'].item(), 'grad_norm': grad_norm,
                   'aux_loss': info['aux_loss'].item(), 'lr': lr, 'tokens_per_sec': round(tokens_per_sec),
                   'mfu': round(mfu, 4), **routing_log(info, sparsity)}
         if dist.ep_size > 1:  # rank 0's expert all-to-alls (forward + backward) per iteration

@@ -1,0 +1,69 @@
+"""
+What every test file shares: the hypothesis profile, Triton's interpreter on machines without a
+GPU, the default dataset prepared once per session, and helpers that run the real entry points
+(train.py, sample.py) in subprocesses on a tiny model.
+"""
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+# Without a GPU the Triton kernels run under the interpreter, which is read when kernels.py is
+# imported: it is set here, before any test module imports anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+settings.register_profile('repo', max_examples=30, deadline=None)
+settings.load_profile('repo')
+
+REPO = Path(__file__).resolve().parent
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--ffn_hidden=32', '--n_expert=4', '--top_k=2',
+        '--block_size=32', '--batch_size=4', '--eval_iters=2', '--sample_tokens=0', '--compile=False']
+
+
+def run(script, *args, cwd, ok=True, env=None, launcher=()):
+    """A script of the repo in a subprocess; asserts it succeeded unless ok=False."""
+    proc = subprocess.run([*(launcher or [sys.executable]), str(REPO / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if ok:
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def read_log(out_dir):
+    """Every record of out_dir/log.jsonl, in order."""
+    return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    """The default dataset, prepared once for the whole session by train.py itself."""
+    d = tmp_path_factory.mktemp('data')
+    run('train.py', *TINY, f'--data_dir={d}', '--max_iters=0', f'--out_dir={d}/warmup', cwd=d)
+    assert (d / 'shakespeare_char' / 'train.bin').exists() and (d / 'shakespeare_char' / 'meta.json').exists()
+    return d
+
+
+def train(tmp, data_dir, *args, **kw):
+    """train.py on the tiny model and the session's data."""
+    return run('train.py', *TINY, f'--data_dir={data_dir}', *args, cwd=tmp, **kw)
+
+
+def run_in_process(monkeypatch, argv):
+    """train.py in this process, so that a test can reach inside it (monkeypatch); returns its exit
+    code (0 if it ended without sys.exit)."""
+    monkeypatch.setattr(sys, 'argv', ['train.py', *argv])
+    try:
+        runpy.run_path(str(REPO / 'train.py'), run_name='__main__')
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:  # train.py hands Ctrl-C and SIGTERM to a thread of its own: give them back to pytest
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
