@@ -125,7 +125,8 @@ def routing_snapshot(out_dir, n_windows=512, batch=64, data_dir=None, seed=0):
     layer's gates. Returns a dict: tokens [N] (the input ids), domains [N] or None, gates
     [N, L, E] (float32, zero = inactive), domain_names, counts [V] (each id's count in the
     training split), top_k; or None for a dense model. data_dir overrides the checkpoint's."""
-    from model import MoE, load_checkpoint, model_from_checkpoint
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from model import MoE
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     config, tokenizer = ckpt['config'], ckpt.get('tokenizer', 'gpt2')
     model = model_from_checkpoint(ckpt, expert_impl='loop').eval()

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from experts import Experts, moe_ffn, resolve_impl
+from experts import Experts, moe_ffn, resolve_impl, routed_pairs
 
 
 @dataclass
@@ -45,6 +45,10 @@ class Dist:
     ep_size: int = 1  # ranks that share one copy of the experts
     ep_group: Any = None  # this rank's EP group (consecutive ranks), None without EP
     expert_dp_group: Any = None  # the ranks holding the same experts as this one
+    # what this rank's expert all-to-alls moved and took since take_a2a_stats last read them.
+    # Seconds are host time: right for gloo (synchronous); with NCCL the call only enqueues.
+    a2a_bytes: int = 0
+    a2a_seconds: float = 0.0
 
     @property
     def master(self):  # the one process that logs and writes checkpoints
@@ -150,20 +154,22 @@ def _looks_like_lost_peer(message):
 # -----------------------------------------------------------------------------
 # expert parallelism
 
-# bytes and seconds the expert all-to-alls have spent since the last reset, for the training log.
-# Seconds are host time: right for gloo (synchronous); with NCCL the call only enqueues the work.
-a2a_stats = {'bytes': 0, 'seconds': 0.0}
+def take_a2a_stats(d):
+    """(bytes, seconds) of this rank's expert all-to-alls since the last call, and a reset."""
+    stats = d.a2a_bytes, d.a2a_seconds
+    d.a2a_bytes, d.a2a_seconds = 0, 0.0
+    return stats
 
 
-def _exchange(x, out_splits, in_splits, group):
-    """all_to_all_single along dim 0: rows in_splits[p] of x go to rank p of group, and
+def _exchange(x, out_splits, in_splits, d):
+    """all_to_all_single along dim 0 in d's EP group: rows in_splits[p] of x go to rank p, and
     out_splits[p] rows arrive from rank p (in rank order)."""
     x = x.contiguous()
     out = x.new_empty(sum(out_splits), *x.shape[1:])
     t0 = time.perf_counter()
-    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-    a2a_stats['seconds'] += time.perf_counter() - t0
-    a2a_stats['bytes'] += (x.numel() + out.numel()) * x.element_size()  # sent + received
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=d.ep_group)
+    d.a2a_seconds += time.perf_counter() - t0
+    d.a2a_bytes += (x.numel() + out.numel()) * x.element_size()  # sent + received
     return out
 
 
@@ -172,13 +178,13 @@ class AllToAll(torch.autograd.Function):
     gradient of that row must travel from p back here: the same exchange with the splits swapped."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _exchange(x, out_splits, in_splits, group)
+    def forward(ctx, x, out_splits, in_splits, d):
+        ctx.out_splits, ctx.in_splits, ctx.d = out_splits, in_splits, d
+        return _exchange(x, out_splits, in_splits, d)
 
     @staticmethod
     def backward(ctx, dy):
-        return _exchange(dy, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+        return _exchange(dy, ctx.in_splits, ctx.out_splits, ctx.d), None, None, None
 
 
 class ExpertParallelExperts(nn.Module):
@@ -188,7 +194,7 @@ class ExpertParallelExperts(nn.Module):
     def __init__(self, full: Experts, d: Dist):
         super().__init__()
         E = full.w_in.size(0)
-        self.impl, self.group, self.ep_size, self.n_expert = full.impl, d.ep_group, d.ep_size, E
+        self.impl, self.d, self.group, self.ep_size, self.n_expert = full.impl, d, d.ep_group, d.ep_size, E
         self.n_local = E // d.ep_size
         lo = d.ep_rank * self.n_local
         # own copies of this rank's slice, so the full tensors can be freed
@@ -198,16 +204,15 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x, gates):
         P, E_l = self.ep_size, self.n_local
         # 1. the active pairs, sorted by expert and so by owner rank (expert // E_l), then token
-        expert, token = gates.t().nonzero().unbind(1)                            # [M], [M]
+        (expert, token), send_counts = routed_pairs(gates)                      # [M], [M], [E] = [P * E_l]
         # 2. counts per expert, exchanged: rank p learns how many rows each rank sends each of
         # its experts. The split sizes must be known on the host: this is the step's sync point.
-        send_counts = torch.bincount(expert, minlength=self.n_expert)           # [E] = [P * E_l]
         recv_counts = torch.empty_like(send_counts)                             # [P (source), E_l]
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits = send_counts.view(P, E_l).sum(1).tolist()
         recv_splits = recv_counts.view(P, E_l).sum(1).tolist()
         # 3. dispatch: one row per pair (a token using two experts of one rank goes twice)
-        x_recv = AllToAll.apply(x[token], recv_splits, send_splits, self.group)  # [M_recv, D]
+        x_recv = AllToAll.apply(x[token], recv_splits, send_splits, self.d)  # [M_recv, D]
         # rows arrive grouped by source, each source's rows sorted by expert: the counts say which
         local_expert = torch.repeat_interleave(
             torch.arange(E_l, device=x.device).repeat(P), recv_counts)          # [M_recv]
@@ -216,7 +221,7 @@ class ExpertParallelExperts(nn.Module):
         ones = F.one_hot(local_expert, E_l).to(x.dtype)                          # [M_recv, E_l]
         out = moe_ffn(x_recv, ones, self.w_in, self.w_out, resolve_impl(self.impl, x.device.type))
         # 5. the outputs go back: the same exchange, splits swapped; rows return in pair order
-        out = AllToAll.apply(out, send_splits, recv_splits, self.group)          # [M, D]
+        out = AllToAll.apply(out, send_splits, recv_splits, self.d)              # [M, D]
         # 6. combine: y_n = sum_e gates[n, e] * FFN_e(x_n); dL/dgates[n, e] = <dy_n, FFN_e(x_n)>
         gated = gates[token, expert].unsqueeze(1) * out                          # [M, D]
         return torch.zeros_like(x).index_add_(0, token, gated.to(x.dtype))

@@ -42,7 +42,20 @@ def swiglu(h):
     return F.silu(gate) * up
 
 
+def swiglu_backward(da, h):
+    """The gradient of swiglu at h [M, 2H], given da [M, H]: dh [M, 2H], written straight into its
+    two halves. aten's fused silu_backward is several times faster on CPU than spelling out
+    silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), in elementwise ops."""
+    hg, hu = h.chunk(2, dim=-1)
+    dh = torch.empty_like(h)
+    H = hg.size(-1)
+    torch.ops.aten.silu_backward.grad_input(da * hu, hg, grad_input=dh[:, :H])
+    torch.mul(da, F.silu(hg), out=dh[:, H:])
+    return dh
+
+
 def check_impl(impl: str):
+    """The one check of an expert_impl name (GPTConfig.validate and Experts use it)."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl={impl!r} is not one of {', '.join(EXPERT_IMPLS)}")
 
@@ -129,13 +142,26 @@ def _gmm_wgrad(a, b, offs):
     return F.grouped_mm(a.t(), b, offs=offs)[:, :Q, :P].contiguous()
 
 
-def _pairs(gates):
-    """The active (expert, token) pairs, sorted by expert, and each expert's end offset."""
-    # nonzero walks gates.t() [E, N] in row-major order: by expert, then by token. Deterministic,
-    # and no sort needed.
-    pairs = gates.t().nonzero().contiguous()  # [M, 2]; nonzero alone is column-major
-    counts = torch.bincount(pairs[:, 0], minlength=gates.size(1))            # [E]
-    return pairs, counts.cumsum(0).to(torch.int32)                           # [M, 2], [E]
+def routed_pairs(gates):
+    """The active (expert, token) pairs of gates [N, E], listed by expert and then by token, the
+    order every backend and expert parallelism use: pairs [2, M] (expert ids, token ids) and
+    counts [E], the pairs of each expert. nonzero walks gates.t() [E, N] row by row, so the order
+    comes deterministic and without a sort."""
+    pairs = gates.t().nonzero().t().contiguous()                             # [2, M]
+    return pairs, torch.bincount(pairs[0], minlength=gates.size(1))          # [2, M], [E]
+
+
+def register_ffn_autograd(forward_op, backward_op):
+    """The autograd glue of the custom-op backends (grouped, triton): forward_op returns y and then
+    the intermediates its backward needs (never handed out, so not differentiable);
+    backward_op(dy, *inputs, *intermediates) returns the gradients of x, gates, w_in and w_out."""
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*inputs, *output[1:])
+
+    def backward(ctx, dy, *_):
+        return backward_op(dy.contiguous(), *ctx.saved_tensors)
+    forward_op.register_autograd(backward, setup_context=setup_context)
 
 
 @torch.library.custom_op('moe::grouped_ffn', mutates_args=())
@@ -144,10 +170,11 @@ def grouped_ffn(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor
     """Forward of the grouped backend. Computes in x's dtype.
     in:  x [N, D], gates [N, E] (zero = inactive), w_in [E, D, 2H], w_out [E, H, D]
     out: y [N, D], and what the backward needs:
-         pairs [M, 2] int64 (expert, token) sorted by expert, offs [E] int32 end of each expert's
-         run in pairs, h [M, 2H] pre-activation, o [M, D] expert output before the gate."""
-    pairs, offs = _pairs(gates)
-    expert, token = pairs.unbind(1)                                          # [M], [M]
+         pairs [2, M] (see routed_pairs), offs [E] int32 end of each expert's run of pairs,
+         h [M, 2H] pre-activation, o [M, D] expert output before the gate."""
+    pairs, counts = routed_pairs(gates)
+    offs = counts.cumsum(0).to(torch.int32)                                  # [E]
+    expert, token = pairs                                                    # [M], [M]
     h = _gmm(x[token], w_in.to(x.dtype), offs)                               # [M, 2H]
     o = _gmm(swiglu(h), w_out.to(x.dtype), offs)                             # [M, D]
     g = gates[token, expert].to(x.dtype)                                     # [M]
@@ -160,7 +187,7 @@ def _(x, gates, w_in, w_out):
     # M is only known at run time: an unbacked size, so no guard on it and no recompilation
     M = torch.library.get_ctx().new_dynamic_size()
     D, H2 = x.size(1), w_in.size(2)
-    return (x.new_empty(x.shape), x.new_empty(M, 2, dtype=torch.long),
+    return (x.new_empty(x.shape), x.new_empty(2, M, dtype=torch.long),
             x.new_empty(gates.size(1), dtype=torch.int32), x.new_empty(M, H2), x.new_empty(M, D))
 
 
@@ -170,23 +197,15 @@ def grouped_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_in: Tensor, w_o
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of moe::grouped_ffn. dy [N, D]; the rest are its inputs and outputs, same layouts.
     Returns dx [N, D], dgates [N, E] (zero on inactive entries), dw_in [E, D, 2H], dw_out [E, H, D]."""
-    expert, token = pairs.unbind(1)                                          # [M], [M]
+    expert, token = pairs                                                    # [M], [M]
     g = gates[token, expert].to(x.dtype)                                     # [M]
     dys = dy[token]                                                          # [M, D]
     # y_n = sum g * o, so dL/dg = <dy_n, o> and the expert output receives g * dy_n
     dg = (dys * o).sum(1)                                                    # [M]
     do = dys.mul_(g[:, None])                                                # [M, D], in place
-    hg, hu = h.chunk(2, dim=1)                                               # [M, H] each
-    silu_hg = F.silu(hg)
-    dw_out = _gmm_wgrad(silu_hg * hu, do, offs)                              # [E, H, D]
+    dw_out = _gmm_wgrad(swiglu(h), do, offs)                                 # [E, H, D]
     da = _gmm(do, w_out.to(x.dtype).transpose(1, 2), offs)                   # [M, H]
-    # swiglu backward, a = silu(hg) * hu, written straight into the two halves of dh (no cat).
-    # aten's fused silu_backward is several times faster on CPU than spelling out
-    # silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), in elementwise ops
-    dh = torch.empty_like(h)                                                 # [M, 2H]
-    H = hg.size(1)
-    torch.ops.aten.silu_backward.grad_input(da * hu, hg, grad_input=dh[:, :H])
-    torch.mul(da, silu_hg, out=dh[:, H:])
+    dh = swiglu_backward(da, h)                                              # [M, 2H]
     xs = x[token]                                                            # [M, D]
     dw_in = _gmm_wgrad(xs, dh, offs)                                         # [E, D, 2H]
     dxs = _gmm(dh, w_in.to(x.dtype).transpose(1, 2), offs)                   # [M, D]
@@ -202,18 +221,7 @@ def _(dy, x, gates, w_in, w_out, pairs, offs, h, o):
             w_in.new_empty(w_in.shape), w_out.new_empty(w_out.shape))
 
 
-def _setup_context(ctx, inputs, output):
-    _, pairs, offs, h, o = output
-    # the intermediates are for our backward only; moe_ffn never hands them out
-    ctx.mark_non_differentiable(pairs, offs, h, o)
-    ctx.save_for_backward(*inputs, pairs, offs, h, o)
-
-
-def _backward(ctx, dy, *_):
-    return grouped_ffn_backward(dy.contiguous(), *ctx.saved_tensors)
-
-
-grouped_ffn.register_autograd(_backward, setup_context=_setup_context)
+register_ffn_autograd(grouped_ffn, grouped_ffn_backward)
 
 # -----------------------------------------------------------------------------
 
@@ -244,15 +252,15 @@ def moe_ffn(x, gates, w_in, w_out, impl: str):
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights, so the grouped backend runs each weight in one call."""
 
-    def __init__(self, n_expert: int, n_embd: int, hidden: int, impl: str = 'auto'):
+    def __init__(self, n_expert: int, n_embd: int, hidden: int, impl: str = 'auto', init_std: float = 0.02):
         super().__init__()
         check_impl(impl)  # fail fast on a typo; the real choice waits for forward's device
         self.impl = impl
         # gate and up projections fused: columns [:H] feed silu, [H:] are the linear "up" branch
         self.w_in = nn.Parameter(torch.empty(n_expert, n_embd, 2 * hidden))   # [E, D, 2H]
         self.w_out = nn.Parameter(torch.empty(n_expert, hidden, n_embd))      # [E, H, D]
-        nn.init.normal_(self.w_in, mean=0.0, std=0.02)
-        nn.init.normal_(self.w_out, mean=0.0, std=0.02)
+        nn.init.normal_(self.w_in, mean=0.0, std=init_std)
+        nn.init.normal_(self.w_out, mean=0.0, std=init_std)  # GPT scales it down: it writes the residual
 
     def forward(self, x, gates):
         """x [N, D], gates [N, E] -> y [N, D]."""

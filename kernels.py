@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from experts import register_ffn_autograd, routed_pairs, swiglu, swiglu_backward
+
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 _UPCAST_DOT = tl.constexpr(INTERPRET)  # see _dot
 
@@ -254,12 +256,12 @@ def combine(rows, order, starts, N):
 
 
 def _routing(gates):
-    """Index lists for the active pairs. pairs [2, M]: expert ids and token ids, by expert then token;
-    ends [E] one past each expert's last pair; order [M] the pair ids sorted by token, then expert;
-    starts [N + 1] the offsets of each token's pairs in order."""
-    N, E = gates.shape
-    pairs = gates.t().nonzero().t().contiguous()     # row-major walk of [E, N]: by expert, then token
-    ends = torch.bincount(pairs[0], minlength=E).cumsum(0)
+    """Index lists for the active pairs. pairs [2, M]: expert ids and token ids, by expert then token
+    (experts.routed_pairs); ends [E] one past each expert's last pair; order [M] the pair ids sorted
+    by token, then expert; starts [N + 1] the offsets of each token's pairs in order."""
+    N = gates.size(0)
+    pairs, counts = routed_pairs(gates)
+    ends = counts.cumsum(0)
     order = torch.argsort(pairs[1], stable=True)     # stable: a token's pairs stay in expert order
     starts = F.pad(torch.bincount(pairs[1], minlength=N).cumsum(0), (1, 0))
     return pairs, ends, order, starts
@@ -276,8 +278,7 @@ def triton_ffn(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor
     expert, token = pairs.unbind(0)
     g = gates[token, expert].float()                                     # [M]
     h = grouped_gemm(x, token, w_in, ends)                               # [M, 2H]
-    hg, hu = h.chunk(2, dim=1)
-    o = grouped_gemm(F.silu(hg) * hu, torch.arange(len(token), device=x.device), w_out, ends, g)  # [M, D]
+    o = grouped_gemm(swiglu(h), torch.arange(len(token), device=x.device), w_out, ends, g)  # [M, D]
     return combine(o, order, starts, x.size(0)), pairs, ends, order, starts, h
 
 
@@ -300,13 +301,11 @@ def triton_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_in: Tensor, w_ou
     E, M = w_in.size(0), len(token)
     rows = torch.arange(M, device=x.device)                              # identity: already pair rows
     g = gates[token, expert].float()                                     # [M]
-    hg, hu = h.chunk(2, dim=1)                                           # [M, H] each
-    silu_hg = F.silu(hg)
-    a = silu_hg * hu                                                     # [M, H] recomputed, not saved
+    a = swiglu(h)                                                        # [M, H] recomputed, not saved
     da_raw = grouped_gemm(dy, token, w_out.transpose(1, 2), ends)        # [M, H] = dy_n @ w_out[e]^T
     dg = (da_raw.float() * a.float()).sum(1)                             # [M] = <dy_n, a @ w_out[e]>
     da = da_raw * g[:, None].to(da_raw.dtype)                            # [M, H]
-    dh = torch.cat([torch.ops.aten.silu_backward(da * hu, hg), da * silu_hg], dim=1)   # [M, 2H]
+    dh = swiglu_backward(da, h)                                          # [M, 2H]
     dw_out = grouped_wgrad(a, rows, dy, token, ends, E, scale=g, out_dtype=w_out.dtype)   # [E, H, D]
     dw_in = grouped_wgrad(x, token, dh, rows, ends, E, out_dtype=w_in.dtype)              # [E, D, 2H]
     dx = combine(grouped_gemm(dh, rows, w_in.transpose(1, 2), ends), order, starts, x.size(0))  # [N, D]
@@ -319,14 +318,4 @@ def _(dy, x, gates, w_in, w_out, pairs, ends, order, starts, h):
     return x.new_empty(x.shape), gates.new_empty(gates.shape), w_in.new_empty(w_in.shape), w_out.new_empty(w_out.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    _, *routing, h = output
-    ctx.mark_non_differentiable(*routing, h)   # for our backward only, never handed out
-    ctx.save_for_backward(*inputs, *routing, h)
-
-
-def _backward(ctx, dy, *_):
-    return triton_ffn_backward(dy.contiguous(), *ctx.saved_tensors)
-
-
-triton_ffn.register_autograd(_backward, setup_context=_setup_context)
+register_ffn_autograd(triton_ffn, triton_ffn_backward)

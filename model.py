@@ -11,7 +11,6 @@ E experts, K active experts per token, H hidden width of one FFN.
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -19,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experts import EXPERT_IMPLS, Experts, swiglu
-from routers import ROUTERS, make_router
+from experts import Experts, check_impl, swiglu
+from routers import ROUTERS, log_record, make_router
 
 
 @dataclass
@@ -91,8 +90,7 @@ class GPTConfig:
                              f"MoE when (i + 1) % moe_every == 0): use moe_every <= n_layer, or 0 for a dense model")
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r} is not one of {', '.join(ROUTERS)}")
-        if self.expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"expert_impl={self.expert_impl!r} is not one of {', '.join(EXPERT_IMPLS)}")
+        check_impl(self.expert_impl)
         if self.n_expert < 1:
             raise ValueError(f"n_expert={self.n_expert} must be >= 1")
         if not 1 <= self.top_k <= self.n_expert:
@@ -170,7 +168,7 @@ class MoE(nn.Module):
         super().__init__()
         E, _, H = config.moe_shape()
         self.router = make_router(config, gru)
-        self.experts = Experts(E, config.n_embd, H, config.expert_impl)
+        self.experts = Experts(E, config.n_embd, H, config.expert_impl, config.init_std)
 
     def forward(self, x, state):
         B, T, D = x.shape
@@ -221,8 +219,6 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-        elif isinstance(module, Experts):
-            nn.init.normal_(module.w_in, mean=0.0, std=self.config.init_std)
         elif isinstance(module, nn.GRUCell):  # RMoE's runs use the standard init, std 0.02
             nn.init.normal_(module.weight_ih, mean=0.0, std=self.config.init_std)
             nn.init.normal_(module.weight_hh, mean=0.0, std=self.config.init_std)
@@ -245,16 +241,23 @@ class GPT(nn.Module):
     def update_routers(self, sparsity):
         """Once per optimizer step: routers that adapt online (ReMoE's λ) see the sparsity measured
         over that step's training forwards, averaged over micro-steps, MoE layers and ranks."""
-        for block in self.transformer.h:
-            if isinstance(block.mlp, MoE):
-                block.mlp.router.update(sparsity)
+        for router in self.routers():
+            router.update(sparsity)
+
+    def routers(self):
+        """The router of every MoE layer, in order."""
+        return [block.mlp.router for block in self.transformer.h if isinstance(block.mlp, MoE)]
+
+    def routing_log(self, info):
+        """What the training log records of a step's routing: every MoE layer's statistics (from
+        the forward's info) and the routers' online state, the same in every layer (ReMoE's λ)."""
+        routers = self.routers()
+        return {**log_record(info), **routers[0].log_state()} if routers else {}
 
     def router_lambda(self):
-        """ReMoE's λ (every layer holds the same value), or None for routers without one."""
-        for block in self.transformer.h:
-            if isinstance(block.mlp, MoE) and hasattr(block.mlp.router, 'lam'):
-                return block.mlp.router.lam.item()
-        return None
+        """ReMoE's λ, or None for routers without one."""
+        routers = self.routers()
+        return routers[0].log_state().get('lambda') if routers else None
 
     def forward(self, idx, targets=None):
         """idx [B, T] token ids -> logits, loss (lm + aux, None without targets), info (dict of tensors).
@@ -285,18 +288,34 @@ class GPT(nn.Module):
                     aux_loss=aux_loss.detach() if aux_losses else torch.zeros((), device=idx.device))
         return logits, loss, info
 
+    def configure_optimizer(self, learning_rate, weight_decay, betas, fused=False, router_lr_scale=1.0,
+                            decay_router=True):
+        """AdamW with weight decay on weight matrices only: norms' gains are 1-d and are not decayed.
+        The routers may have a learning rate (router_lr_scale x learning_rate) and a weight decay
+        (none when decay_router=False) of their own. Each group's 'lr_scale' multiplies the
+        learning rate the training loop sets."""
+        groups = {}  # (weight decay, lr scale) -> parameters
+        for name, p in self.named_parameters():
+            router = '.router.' in name
+            decay = weight_decay if p.dim() >= 2 and (decay_router or not router) else 0.0
+            groups.setdefault((decay, router_lr_scale if router else 1.0), []).append(p)
+        return torch.optim.AdamW([{'params': ps, 'weight_decay': wd, 'lr_scale': scale}
+                                  for (wd, scale), ps in groups.items()], lr=learning_rate, betas=betas, fused=fused)
+
     def flops_per_token(self):
         """Training FLOPs per token on ACTIVE parameters: 6N + attention (PaLM appendix B)."""
         c = self.config
         return 6 * self.num_params(active=True) + 12 * c.n_layer * c.n_embd * c.block_size
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Extend idx [B, T] by max_new_tokens sampled tokens (the model should be in eval mode)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+        """Extend idx [B, T] by max_new_tokens sampled tokens (the model should be in eval mode).
+        n_vocab: the tokenizer's vocabulary; the ids above it, padding that rounds the embedding up
+        to a multiple of 64 (GPT-2's 50257 -> 50304), are never sampled."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]
             logits, _, _ = self(idx_cond)
-            logits = logits[:, -1, :self.config.vocab_size].float()
+            logits = logits[:, -1, :n_vocab or self.config.vocab_size].float()
             if temperature == 0:  # greedy
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -329,63 +348,3 @@ def device_peak_flops(device):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing or unreadable; the message is one line for the user."""
-
-
-def save_checkpoint(ckpt, path):
-    """Write atomically: the new checkpoint goes to a temp file, is flushed to the disk, and only
-    then replaces the old one (a rename is atomic), so a process killed at any instant, or a
-    machine that loses power, leaves the previous checkpoint or the new one, never half a file."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:  # the rename itself is on the disk once the folder is
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def all_finite(state):
-    """True if every tensor in a (nested) state dict is free of NaN and inf."""
-    if torch.is_tensor(state):
-        return not state.is_floating_point() or bool(torch.isfinite(state).all())
-    if isinstance(state, dict):
-        return all(all_finite(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return all(all_finite(v) for v in state)
-    return True
-
-
-def load_checkpoint(path, device='cpu'):
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py) or set --out_dir")
-    try:  # weights_only: a checkpoint holds tensors and plain Python values, never code
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        missing = {'model', 'model_args'} - set(ckpt)
-        if missing:
-            raise KeyError(', '.join(sorted(missing)))
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                              f"delete it or set --out_dir to another run") from None
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, **overrides):
-    """Rebuild the GPT a checkpoint was saved from; overrides change non-architectural fields."""
-    try:
-        model = GPT(GPTConfig(**{**ckpt['model_args'], **overrides}))
-        model.load_state_dict(ckpt['model'])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"the checkpoint does not fit this code's GPT ({str(e).splitlines()[0]})") from None
-    return model

@@ -1,7 +1,7 @@
 """
 Routers: each turns the token states of one MoE layer into a dense gate matrix.
 
-The one contract of this repo (DESIGN.md):
+The one contract of this repo, between routers and experts:
 
     router(x [N, D], state) -> gates [N, E], aux_loss (scalar), stats (dict of tensors), state
 
@@ -82,6 +82,24 @@ def routing_stats(gates, probs=None):
     }
 
 
+def log_record(info):
+    """One step's routing health for the training log, from the model's info dict (each statistic
+    of routing_stats stacked over the MoE layers: [L] or [L, E]). Lists are per MoE layer."""
+    load = info['load'].float()  # [L, E] fraction of tokens that use each expert
+    mean = load.mean(-1).clamp_min(1e-9)
+    r = lambda t: [round(v, 4) for v in t.tolist()]
+    return {
+        'sparsity_per_layer': r(info['sparsity'].float()),
+        'load_min': r(load.min(-1).values / mean),  # 1.0 everywhere = perfectly balanced
+        'load_max': r(load.max(-1).values / mean),
+        'load_cv': r(load.std(-1, correction=0) / mean),
+        'load': [r(layer) for layer in load],
+        'active_experts': r(info['active'].float()),
+        'router_entropy': r(info['entropy'].float()),
+        'dropped': r(info['dropped'].float()),
+    }
+
+
 class Router(nn.Module):
     """The logit source shared by every router; subclasses turn logits into gates."""
 
@@ -104,14 +122,19 @@ class Router(nn.Module):
             self.w_g = nn.Linear(config.n_embd, self.n_expert, bias=False)
 
     def logits(self, x, state):
-        """x [N, D] -> logits [N, E] (fp32 or fp64), and the routing state for the next MoE layer."""
-        if self.gru is not None:
-            # RMoE eq. 5: h_i = GRU(Proj_i(x_i), h_{i-1}), h_0 = 0 (state None). Never detached:
-            # later layers' routing losses train earlier layers' projectors (the "recurrent gradient")
-            state = self.gru(self.proj(x), state)  # [N, p]
-            x = state
-        # router math in fp32 at least: under bf16 autocast near-ties would flip experts
-        logits = self.w_g(x)
+        """x [N, D] -> logits [N, E] in fp32 (or fp64), and the routing state for the next MoE layer.
+
+        The router computes in its parameters' dtype with autocast off: fp32 in training under bf16
+        autocast, where a bf16 matmul would round near-tied experts into flips. (A model cast to
+        bf16 as a whole routes in bf16, its logits upcast.)"""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(self.w_g.weight.dtype)
+            if self.gru is not None:
+                # RMoE eq. 5: h_i = GRU(Proj_i(x_i), h_{i-1}), h_0 = 0 (state None). Never detached:
+                # later layers' routing losses train earlier layers' projectors (the "recurrent gradient")
+                state = self.gru(self.proj(x), state)  # [N, p]
+                x = state
+            logits = self.w_g(x)
         return (logits.float() if logits.element_size() < 4 else logits), state
 
     def capacity(self, n_tokens):
@@ -137,12 +160,16 @@ class Router(nn.Module):
         """Called once per optimizer step with that step's measured sparsity (a 0-d tensor or a
         float); most routers keep no online state."""
 
+    def log_state(self):
+        """The router's online state for the training log ({} for routers that keep none)."""
+        return {}
+
 
 class TopKRouter(Router):
     """The classic baseline: softmax over all experts, keep the K largest (GShard, Switch).
 
     The kept probabilities are used as gates as they are by default, so with K = 1 the router
-    still receives a language-model gradient (ROUTERS.md pitfall 10); `router_renorm=True`
+    still receives a language-model gradient (with renormalised top-1 it would get none); `router_renorm=True`
     rescales them to sum to 1 per token, as Mixtral does (and as the RMoE code does).
     """
 
@@ -196,6 +223,9 @@ class ReMoERouter(Router):
         # same number: the controller could never climb again. With the floor it climbs from λ0.
         self.lam.mul_(torch.where(torch.as_tensor(sparsity) < self.target_sparsity, self.alpha, 1 / self.alpha))
         self.lam.clamp_(min=self.lambda_min)
+
+    def log_state(self):
+        return {'lambda': self.lam.item()}
 
     def _apply(self, fn, recurse=True):
         # keep λ in fp32 whatever the model is cast to: bf16 would round away the controller's steps

@@ -11,7 +11,7 @@ import sys
 import torch
 
 import data
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 
 
 def generate_text(model, tokenizer, start, num_samples=1, max_new_tokens=200, temperature=0.8, top_k=200,
@@ -23,9 +23,9 @@ def generate_text(model, tokenizer, start, num_samples=1, max_new_tokens=200, te
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, n_vocab=enc.n_vocab)
     model.train(was_training)
-    return [enc.decode([t for t in row if t < enc.n_vocab]) for row in out.tolist()]
+    return [enc.decode(row) for row in out.tolist()]
 
 
 def main(argv=None):

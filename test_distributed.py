@@ -170,14 +170,17 @@ def _training_matches(rank, router):
     assert full.keys() == ref_sd.keys()
     for k in ref_sd:
         torch.testing.assert_close(full[k], ref_sd[k], rtol=1e-4, atol=1e-5, msg=k)
-    # optimizer state round trip: gather to full shapes, then slice back
+    # optimizer state round trip: gathered, it is the single process's state; sliced back, this rank's
     full_opt = distributed.full_optimizer_state(opt, model, d)
     ref_state = ref_opt.state_dict()['state']
     for i, s in full_opt['state'].items():
-        assert s['exp_avg'].shape == ref_state[i]['exp_avg'].shape
+        for key in ('exp_avg', 'exp_avg_sq'):
+            torch.testing.assert_close(s[key], ref_state[i][key], rtol=1e-3, atol=1e-6, msg=f'{i} {key}')
+    mine = opt.state_dict()['state']
     sharded = distributed.shard_optimizer_state(full_opt, opt, model, d)
     for i, p in enumerate(model.parameters()):
-        assert sharded['state'][i]['exp_avg'].shape == p.shape
+        for key in ('exp_avg', 'exp_avg_sq'):
+            assert sharded['state'][i][key].shape == p.shape and torch.equal(sharded['state'][i][key], mine[i][key])
 
 
 @pytest.mark.parametrize('router', ['remoe', 'topk'])

@@ -14,7 +14,7 @@ import torch
 
 import distributed
 from conftest import REPO, TINY, read_log, run_in_process, train
-from model import all_finite, load_checkpoint
+from checkpoint import all_finite, load_checkpoint
 
 
 def steps_of(out_dir):
@@ -108,7 +108,7 @@ def test_sigterm_saves_without_evaluating_and_a_second_one_stops_at_once(tmp_pat
 
 WRITER = """
 import sys, torch
-from model import save_checkpoint
+from checkpoint import save_checkpoint
 for v in range(1, 10**6):  # checkpoints of ~12 MB, version v everywhere, as fast as they can be written
     save_checkpoint({'v': v, 'w': torch.full((3_000_000,), float(v)), 'meta': {'v': v}}, sys.argv[1])
     print(v, flush=True)

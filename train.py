@@ -6,37 +6,30 @@ Train a GPT with Mixture-of-Experts layers. nanoGPT's loop, knobs and names.
     torchrun --standalone --nproc_per_node=2 train.py config/topk.py
     torchrun --standalone --nproc_per_node=2 train.py config/remoe.py --ep_size=2 --compile=False
 
-A config file is plain Python assignments exec'd over the defaults below; it may be written as
-configs/topk.py, config/topk.py or just topk. Every value, from a file or the command line, must
-keep the type of its default; an unknown key or a bad value stops the run with a one-line error.
+Config files and overrides: configurator.py. Checkpoints, resume, Ctrl-C: checkpoint.py.
 """
 
-import ast
 import json
 import math
 import os
 import signal
 import sys
-import tempfile
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
-from pathlib import Path
 
-# Ctrl-C and SIGTERM are taken by a thread of their own (watch_signals, below), so that they are
-# seen at once even while a long step runs in C++. Every other thread blocks them, and threads
-# inherit the mask of the thread that starts them: so it is set here, before torch starts any.
+# Ctrl-C and SIGTERM are taken by a thread of their own (checkpoint.StopSignals), which every other
+# thread leaves them to: threads inherit this mask, so it is set before torch starts any.
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import configurator  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
-from experts import EXPERT_IMPLS, resolve_impl  # noqa: E402
-from model import GPT, CheckpointError, GPTConfig, device_peak_flops, load_checkpoint, model_from_checkpoint  # noqa: E402
-from model import all_finite, save_checkpoint  # noqa: E402
+from checkpoint import (CheckpointError, StopSignals, check_out_dir, load_checkpoint,  # noqa: E402
+                        model_from_checkpoint, restore_training, save_training)
+from model import GPT, GPTConfig, device_peak_flops  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # default config values: a top-k MoE on Shakespeare's bytes that trains on 2 CPU cores in ~5 minutes
@@ -118,164 +111,16 @@ def die(msg):
     sys.exit(2)
 
 
-def find_config(arg):
-    """'configs/topk.py', 'config/topk.py', 'topk.py' and 'topk' all name configs/topk.py."""
-    if os.path.isfile(arg):
-        return arg
-    configs = Path(__file__).resolve().parent / 'configs'
-    path = configs / f'{Path(arg).stem}.py'
-    if path.is_file():
-        return str(path)
-    known = ', '.join(sorted(p.stem for p in configs.glob('*.py')))
-    die(f"no config file {arg!r}; the configs are: {known}")
-
-
-def parse_config(argv, config):
-    """Apply config files and --key=value overrides to `config` (a dict of defaults), type-checked."""
-
-    def assign(key, value, where):
-        if key not in config:
-            die(f"unknown config key {key!r} in {where}")
-        default = config[key]
-        if isinstance(default, float) and type(value) is int:
-            value = float(value)
-        if type(value) is not type(default):
-            die(f"{key}={value!r} in {where}: expected a {type(default).__name__}, like {default!r}")
-        config[key] = value
-
-    for arg in argv:
-        if not arg.startswith('--'):
-            path = find_config(arg)
-            scope = {}
-            try:
-                exec(Path(path).read_text(), {}, scope)
-            except Exception as e:
-                die(f"{path} does not run ({type(e).__name__}: {e})")
-            for key, value in scope.items():
-                if not key.startswith('_'):
-                    assign(key, value, path)
-        else:
-            key, eq, text = arg[2:].partition('=')
-            if not eq:
-                die(f"{arg!r}: overrides are written --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare word is a string: --router=topk
-            assign(key, value, 'the command line')
-    return config
-
-
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-defaults = {k: globals()[k] for k in config_keys}
-config = parse_config(sys.argv[1:], dict(defaults))
+stop = StopSignals(verbose=int(os.environ.get('RANK', 0)) == 0)  # see its docstring: Ctrl-C, SIGTERM
+defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+try:
+    config = configurator.configure(sys.argv[1:], defaults)  # parsed, type-checked, '' defaults resolved
+    if int(os.environ.get('RANK', 0)) == 0:  # the writer: before any work, not after it
+        check_out_dir(config['out_dir'], config['init_from'])
+except (configurator.ConfigError, CheckpointError) as e:
+    die(str(e))
 globals().update(config)  # the rest of the script reads plain names, as in nanoGPT
-
-# Ctrl-C or a scheduler's SIGTERM during training: the step under way finishes, a checkpoint is
-# saved (without evaluating: that can take long) and the run exits; --init_from=resume picks it
-# up. A second one, a second or more after the first, ends the process at once, even inside a long
-# step; the checkpoint on disk is then the last one completed (writes are atomic). Signals that
-# come together count once: under torchrun, Ctrl-C brings SIGINT from the terminal and SIGTERM
-# from torchrun. Before training starts there is nothing to save: the first one ends the run.
-stop_signal, stop_time, training = None, 0.0, False
-
-
-def watch_signals():
-    global stop_signal, stop_time
-    while True:
-        signum = signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        name = signal.Signals(signum).name
-        if stop_signal is not None and time.time() - stop_time < 1.0:
-            continue
-        if stop_signal is not None or not training:
-            if int(os.environ.get('RANK', 0)) == 0:
-                print(f"{name}: stopping now, without saving", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        stop_signal, stop_time = signum, time.time()
-        if int(os.environ.get('RANK', 0)) == 0:
-            print(f"{name}: saving a checkpoint after this step, then stopping (again to stop at once)", flush=True)
-
-
-threading.Thread(target=watch_signals, daemon=True).start()
-
-# -----------------------------------------------------------------------------
-# checks that need no model: each bad value is a one-line error
-if init_from not in ('scratch', 'resume'):
-    die(f"init_from={init_from!r} is not 'scratch' or 'resume'")
-try:
-    tokenizer = data.resolve_tokenizer(dataset, tokenizer)
-except data.DataError as e:
-    die(str(e))
-for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval',
-             'eval_interval'):
-    if config[name] < 1:
-        die(f"{name}={config[name]} must be a positive integer")
-if not router_lr_scale > 0:
-    die(f"router_lr_scale={router_lr_scale} must be > 0 (it multiplies learning_rate for the routers)")
-if max_iters < 0 or learning_rate <= 0:
-    die(f"max_iters={max_iters} must be >= 0 and learning_rate={learning_rate} > 0")
-device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-if device.startswith('cuda') and not torch.cuda.is_available():
-    die(f"device={device!r} but this machine has no CUDA GPU: use --device=cpu")
-if device not in ('cpu', 'mps') and not device.startswith('cuda'):
-    die(f"device={device!r} is not cpu, cuda or cuda:N")
-dtype = dtype or ('bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32')
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    die(f"dtype={dtype!r} is not float32, bfloat16 or float16")
-if dtype == 'float16' and not device.startswith('cuda'):
-    die(f"dtype='float16' needs a CUDA GPU (on {device} it is emulated, many times slower): "
-        f"use --dtype=float32 or bfloat16")
-if max_skipped_steps < 0:
-    die(f"max_skipped_steps={max_skipped_steps} must be >= 0")
-lr_decay_iters = lr_decay_iters or max_iters
-if moe_every > 0 and expert_impl in EXPERT_IMPLS:  # a dispatch backend this device cannot run
-    try:
-        resolve_impl(expert_impl, 'cuda' if device.startswith('cuda') else device)
-    except ValueError as e:
-        die(str(e))
-if compile and expert_impl == 'loop' and moe_every > 0:
-    die("expert_impl='loop' is the eager reference and does not compile: use --compile=False "
-        "or --expert_impl=grouped")
-
-model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
-try:
-    GPTConfig(**model_args).validate()
-except ValueError as e:
-    die(str(e))
-if ep_size != 1:  # expert parallelism: checked before any process group exists
-    if moe_every == 0:
-        die(f"ep_size={ep_size} needs MoE layers (moe_every > 0)")
-    problem = distributed.check_ep_size(ep_size, int(os.environ.get('WORLD_SIZE', 1)),
-                                        GPTConfig(**model_args).moe_shape()[0])
-    if problem:
-        die(problem)
-    if compile:  # the all-to-all's split sizes are data-dependent host values
-        die(f"ep_size={ep_size} runs eagerly: add --compile=False")
-if dist_timeout <= 0:
-    die(f"dist_timeout={dist_timeout} must be > 0 seconds")
-# an option the run would ignore is a mistake, not a no-op: say so instead of training without it
-softmax_only = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction')  # (renorm, capacity: GPTConfig)
-remoe_only = ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
-moe_only = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'expert_impl', 'expert_granularity',
-            'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', *softmax_only, *remoe_only)
-ignored = {key: 'in a dense model (moe_every=0)' for key in moe_only} if moe_every == 0 else {
-    **{key: f"with router={router!r}" for key in (softmax_only if router == 'remoe' else remoe_only)},
-    **({} if recurrent_router else {'rmoe_dim': 'without recurrent_router=True'})}
-ignored.update({key: f"with dataset={dataset!r}" for key in ('hf_name', 'hf_files', 'hf_max_tokens')
-                if dataset != 'web'})
-ignored.update({'data_files': f"with dataset={dataset!r}"} if dataset != 'textfiles' else {})
-for key, why in ignored.items():
-    if config[key] != defaults[key]:
-        die(f"{key}={config[key]!r} has no effect {why}: remove it")
-if int(os.environ.get('RANK', 0)) == 0:  # the writer: before any work, not after it
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        die(f"out_dir={out_dir!r} is not writable ({e.strerror}): pass --out_dir=<a folder you can write to>")
-    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-        die(f"{out_dir}/ckpt.pt holds an earlier run that a new one would overwrite: continue it with "
-            f"--init_from=resume, or train in another --out_dir (or delete that one)")
+model_args = configurator.model_args(config)
 
 # -----------------------------------------------------------------------------
 # processes, devices, data
@@ -301,34 +146,14 @@ try:  # rank 0 prepares the dataset on first use, the others wait for it
                      max_tokens=hf_max_tokens, tokenizer=tokenizer)
     folder = data.dataset_folder(dataset, data_dir, hf_name=hf_name, hf_files=hf_files, tokenizer=tokenizer)
     distributed.barrier(dist)
-    meta = data.load_meta(folder)
-    splits = {split: data.load_split(folder, split) for split in ('train', 'val')}
-    for split, tokens in splits.items():
-        if len(tokens) <= block_size:
-            raise data.DataError(f"the {split} split of {folder} has {len(tokens)} tokens, "
-                                 f"fewer than block_size={block_size} + 1: use a smaller --block_size")
+    batches = data.Batches(folder, batch_size, block_size, dist.rank, dist.world_size, device)
 except data.DataError as e:
     die(str(e))
-
 # Training batches come from their own generator, saved in checkpoints: a resumed run sees the
-# same batches it would have seen had it never stopped. Every rank draws the same global batch of
-# world_size * batch_size rows and keeps its own rows: so one generator state (rank 0's, in the
-# checkpoint) resumes every rank, and N processes see the batches of one process with N times
-# the batch_size.
+# same batches it would have seen had it never stopped.
 data_gen = torch.Generator().manual_seed(seed)
-
-
-def get_batch(split, generator):
-    """This rank's rows of the global batch: x, y [batch_size, block_size] and the windows' offsets."""
-    ix = data.window_offsets(len(splits[split]), batch_size * dist.world_size, block_size, generator)
-    ix = ix[dist.rank * batch_size:(dist.rank + 1) * batch_size]
-    return *data.windows(splits[split], ix, block_size, device), ix
-
-
-# multidomain: the domain of every val token, so that evaluation reports a loss per domain too
-domains = meta.get('domains', [])
-val_domains = torch.from_numpy(data.token_domains(meta, 'val')) if domains else None
-model_args['vocab_size'] = 64 * math.ceil(meta['vocab_size'] / 64)  # a multiple of 64: faster matmuls
+domains = batches.domains  # multidomain: evaluation reports a val loss per domain too
+model_args['vocab_size'] = 64 * math.ceil(batches.meta['vocab_size'] / 64)  # a multiple of 64: faster matmuls
 
 
 # -----------------------------------------------------------------------------
@@ -360,22 +185,11 @@ if dist.master:
 flops_per_token = raw_model.flops_per_token()  # of the full model, before EP keeps a slice here
 distributed.apply_expert_parallel(raw_model, dist)  # ep_size > 1: this rank's experts only
 
-# AdamW with weight decay on matrices only (norms' gains are 1-d and are not decayed). The routers'
-# parameters may have a learning rate and weight decay of their own (router_lr_scale, decay_router).
-groups = {}  # (weight decay, lr scale) -> parameters
-for name, p in model.named_parameters():
-    router = '.router.' in name
-    decay = weight_decay if p.dim() >= 2 and (decay_router or not router) else 0.0
-    groups.setdefault((decay, router_lr_scale if router else 1.0), []).append(p)
-optimizer = torch.optim.AdamW([{'params': ps, 'weight_decay': wd, 'lr_scale': scale}
-                               for (wd, scale), ps in groups.items()],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+optimizer = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2), fused=device_type == 'cuda',
+                                          router_lr_scale=router_lr_scale, decay_router=decay_router)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if ckpt is not None:
-    # checkpoints hold full experts: keep this rank's slice of their moments (any ep_size)
-    optimizer.load_state_dict(distributed.shard_optimizer_state(ckpt['optimizer'], optimizer, raw_model, dist))
-    torch.set_rng_state(ckpt['rng']['torch'])
-    data_gen.set_state(ckpt['rng']['data'])
+    restore_training(ckpt, raw_model, optimizer, dist, data_gen)
     ckpt = None  # free memory
 
 if compile:
@@ -407,15 +221,14 @@ def estimate_loss():
         losses = torch.zeros(eval_iters)
         domain_sums = torch.zeros(2, len(domains))  # [loss sum, token count] per domain
         for k in range(eval_iters):
-            X, Y, ix = get_batch(split, generator)
+            X, Y, ix = batches.get(split, generator)
             with ctx:
                 logits, _, info = model(X, Y)
             losses[k] = info['lm_loss'].item()
             if split == 'val' and domains:
-                token_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(), reduction='none')
-                target_pos = torch.tensor(ix)[:, None] + 1 + torch.arange(block_size)  # [B, T] in val.bin
-                d = val_domains[target_pos.flatten()].long()
-                domain_sums[0] += torch.bincount(d, token_loss.cpu(), minlength=len(domains))
+                token_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(), reduction='none').cpu()
+                d = batches.target_domains(ix).flatten()
+                domain_sums[0] += torch.bincount(d, token_loss, minlength=len(domains))
                 domain_sums[1] += torch.bincount(d, minlength=len(domains))
         out[split] = losses.mean().item()
     for i, name in enumerate(domains):
@@ -424,63 +237,22 @@ def estimate_loss():
     return out
 
 
-def routing_log(info, sparsity):
-    """Per-layer routing health for the log: expert load spread, active experts, entropy, drops,
-    and the sparsity that drives ReMoE's controller (overall, as the controller saw it, and per layer)."""
-    if 'load' not in info:
-        return {}
-    load = info['load'].float()  # [L_moe, E] fraction of tokens using each expert
-    mean = load.mean(-1).clamp_min(1e-9)
-    r = lambda t: [round(v, 4) for v in t.tolist()]
-    record = {
-        'sparsity': round(sparsity.item(), 5),
-        'sparsity_tokens': tokens_per_iter,  # what that sparsity was measured on: all micro-steps and ranks
-        'sparsity_per_layer': r(info['sparsity'].float()),
-        'load_min': r(load.min(-1).values / mean),  # 1.0 everywhere = perfectly balanced
-        'load_max': r(load.max(-1).values / mean),
-        'load_cv': r(load.std(-1, correction=0) / mean),
-        'load': [r(layer) for layer in load],  # [L_moe][E] fraction of tokens using each expert
-        'active_experts': r(info['active'].float()),
-        'router_entropy': r(info['entropy'].float()),
-        'dropped': r(info['dropped'].float()),
-    }
-    if raw_model.router_lambda() is not None:
-        record['lambda'] = raw_model.router_lambda()
-    return record
-
-
 def log(record):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
 def checkpoint():
-    """Every rank calls (the expert slices are gathered); rank 0 writes the full model, unless a
-    weight or an optimizer moment is NaN/inf: the last good checkpoint is never replaced by those."""
+    """Save the run (every rank calls), unless it is diverging: the last good checkpoint stays."""
     global last_saved
-    model_state = distributed.full_state_dict(raw_model, dist)
-    optimizer_state = distributed.full_optimizer_state(optimizer, raw_model, dist)
-    if not dist.master:
-        return
-    problem = ('the last steps had NaN/inf gradients' if skipped else
-               'the weights or the optimizer state hold NaN/inf' if not all_finite(model_state)
-               or not all_finite(optimizer_state['state']) else None)
-    if problem:  # a diverging run: keep the checkpoint that came before it
-        print(f"not saving iteration {iter_num}: {problem} ({out_dir}/ckpt.pt stays the one from "
-              f"{describe(last_saved)})")
-        return
-    last_saved = iter_num
-    print(f"saved checkpoint to {out_dir}/ckpt.pt")
-    save_checkpoint({
-        'model': model_state,
-        'optimizer': optimizer_state,
-        'model_args': asdict(raw_model.config),
-        'config': config,
-        'tokenizer': tokenizer,  # sample.py decodes with it
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'rng': {'torch': torch.get_rng_state(), 'data': data_gen.get_state()},
-    }, os.path.join(out_dir, 'ckpt.pt'))
+    rng = {'torch': torch.get_rng_state(), 'data': data_gen.get_state()}
+    why = 'the last steps had NaN/inf gradients' if skipped else save_training(
+        os.path.join(out_dir, 'ckpt.pt'), raw_model, optimizer, dist, config=config, tokenizer=tokenizer,
+        iter_num=iter_num, best_val_loss=best_val_loss, rng=rng)
+    if dist.master:
+        print(f"not saving iteration {iter_num}: {why} ({out_dir}/ckpt.pt stays the one from {describe(last_saved)})"
+              if why else f"saved checkpoint to {out_dir}/ckpt.pt")
+    last_saved = last_saved if why else iter_num
 
 
 def describe(it):
@@ -489,7 +261,7 @@ def describe(it):
 
 last_saved = iter_num if init_from == 'resume' else None  # iteration of the checkpoint on disk
 skipped = 0  # steps in a row whose gradient was not finite
-training = True  # from here on, a first Ctrl-C / SIGTERM saves before stopping
+stop.training = True  # from here on, a first Ctrl-C / SIGTERM saves before stopping
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -501,10 +273,10 @@ while True:
     last = iter_num >= max_iters
 
     if dist.world_size > 1:  # every rank stops at the same step, whichever ranks got the signal
-        flag = torch.tensor(float(stop_signal is not None), device=device)
-        if distributed.all_reduce_mean(flag, dist).item() > 0 and stop_signal is None:
-            stop_signal = signal.SIGTERM
-    if stop_signal:
+        flag = torch.tensor(float(stop.signum is not None), device=device)
+        if distributed.all_reduce_mean(flag, dist).item() > 0 and stop.signum is None:
+            stop.signum = signal.SIGTERM
+    if stop.signum:
         checkpoint()
         break
     if iter_num % eval_interval == 0 or last:
@@ -522,7 +294,7 @@ while True:
             best_val_loss = min(best_val_loss, losses['val'])
             checkpoint()
         t0, timed_iters = time.time(), 0  # evaluation time is not training time
-        distributed.a2a_stats.update(bytes=0, seconds=0.0)  # nor is its all-to-all
+        distributed.take_a2a_stats(dist)  # nor is its all-to-all
     if last or eval_only:
         break
 
@@ -530,7 +302,7 @@ while True:
     for micro_step in range(gradient_accumulation_steps):
         if dist.world_size > 1:  # DDP: average gradients only after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
-        X, Y, _ = get_batch('train', data_gen)
+        X, Y, _ = batches.get('train', data_gen)
         with ctx:
             _, loss, info = model(X, Y)
             loss = loss / gradient_accumulation_steps
@@ -575,29 +347,30 @@ while True:
         lossf = loss.item() * gradient_accumulation_steps
         record = {'iter': iter_num, 'loss': lossf, 'lm_loss': info['lm_loss'].item(), 'grad_norm': grad_norm,
                   'aux_loss': info['aux_loss'].item(), 'lr': lr, 'tokens_per_sec': round(tokens_per_sec),
-                  'mfu': round(mfu, 4), **routing_log(info, sparsity)}
+                  'mfu': round(mfu, 4), **raw_model.routing_log(info)}
+        if 'load' in info:  # ReMoE's controller saw this, measured on all micro-steps and ranks
+            record.update(sparsity=round(sparsity.item(), 5), sparsity_tokens=tokens_per_iter)
         if dist.ep_size > 1:  # rank 0's expert all-to-alls (forward + backward) per iteration
-            a2a = distributed.a2a_stats
-            record.update(a2a_ms=round(1000 * a2a['seconds'] / n_iters, 3),
-                          a2a_mb=round(a2a['bytes'] / n_iters / 1e6, 4))
+            a2a_bytes, a2a_seconds = distributed.take_a2a_stats(dist)
+            record.update(a2a_ms=round(1000 * a2a_seconds / n_iters, 3), a2a_mb=round(a2a_bytes / n_iters / 1e6, 4))
         log(record)
         print(f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt / n_iters:.0f}ms/iter, "
               f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%")
     if iter_num % log_interval == 0:
-        distributed.a2a_stats.update(bytes=0, seconds=0.0)
+        distributed.take_a2a_stats(dist)
     iter_num += 1
 
-if sample_tokens > 0 and not stop_signal:
+if sample_tokens > 0 and not stop.signum:
     from sample import generate_text
     sampler = raw_model
     if dist.ep_size > 1:  # sampling runs on rank 0 alone: it needs all the experts (collective)
         full_state = distributed.full_state_dict(raw_model, dist)
-        sampler = GPT(GPTConfig(**asdict(raw_model.config))).to(device)
+        sampler = GPT(raw_model.config).to(device)
         sampler.load_state_dict(full_state)
     if dist.master:
         print('-' * 40)
         print(generate_text(sampler, tokenizer, '\n', num_samples=1, max_new_tokens=sample_tokens,
                             device=device)[0])
 distributed.destroy(dist)
-if stop_signal:
-    sys.exit(128 + stop_signal)
+if stop.signum:
+    sys.exit(128 + stop.signum)

@@ -1,0 +1,172 @@
+"""
+The config system, as in nanoGPT: train.py's defaults are plain assignments at its top; a config
+file is more plain assignments exec'd over them; --key=value overrides one of them.
+
+    python train.py config/remoe.py --max_iters=500 --router=topk
+
+A config file may be written configs/topk.py, config/topk.py, topk.py or topk. Every value keeps
+the type of its default. Then come the checks that need neither a model nor data, so that a bad
+value stops the run at once, with one line that names it and says what would be valid, instead
+of a traceback an hour later. configure() does both and returns the config with '' defaults
+resolved (device, dtype, tokenizer) and lr_decay_iters filled in.
+"""
+import ast
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+import data
+import distributed
+from experts import resolve_impl
+from model import GPTConfig
+
+CONFIGS = Path(__file__).resolve().parent / 'configs'
+
+
+class ConfigError(Exception):
+    """A bad config value or command line; the message is one line for the user."""
+
+
+def find_config(arg):
+    """'configs/topk.py', 'config/topk.py', 'topk.py' and 'topk' all name configs/topk.py."""
+    if os.path.isfile(arg):
+        return arg
+    path = CONFIGS / f'{Path(arg).stem}.py'
+    if path.is_file():
+        return str(path)
+    known = ', '.join(sorted(p.stem for p in CONFIGS.glob('*.py')))
+    raise ConfigError(f"no config file {arg!r}; the configs are: {known}")
+
+
+def parse(argv, defaults):
+    """Config files and --key=value overrides applied, in order, to a copy of `defaults`."""
+    config = dict(defaults)
+
+    def assign(key, value, where):
+        if key not in config:
+            raise ConfigError(f"unknown config key {key!r} in {where}")
+        default = config[key]
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"{key}={value!r} in {where}: expected a {type(default).__name__}, like {default!r}")
+        config[key] = value
+
+    for arg in argv:
+        if not arg.startswith('--'):
+            path = find_config(arg)
+            scope = {}
+            try:
+                exec(Path(path).read_text(), {}, scope)
+            except Exception as e:
+                raise ConfigError(f"{path} does not run ({type(e).__name__}: {e})") from None
+            for key, value in scope.items():
+                if not key.startswith('_'):
+                    assign(key, value, path)
+        else:
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                raise ConfigError(f"{arg!r}: overrides are written --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string: --router=topk
+            assign(key, value, 'the command line')
+    return config
+
+
+def model_args(config):
+    """The GPTConfig fields among the config's keys."""
+    return {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+
+
+# options that a choice makes meaningless: setting one is a mistake, not a no-op
+SOFTMAX_ONLY = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction')  # (renorm, capacity: GPTConfig says)
+REMOE_ONLY = ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
+MOE_ONLY = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'expert_impl', 'expert_granularity',
+            'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', *SOFTMAX_ONLY, *REMOE_ONLY)
+
+
+def ignored_options(c):
+    """{key: why} of the options this config would ignore."""
+    if c['moe_every'] == 0:
+        ignored = {key: 'in a dense model (moe_every=0)' for key in MOE_ONLY}
+    else:
+        ignored = {key: f"with router={c['router']!r}" for key in (SOFTMAX_ONLY if c['router'] == 'remoe'
+                                                                   else REMOE_ONLY)}
+        if not c['recurrent_router']:
+            ignored['rmoe_dim'] = 'without recurrent_router=True'
+    if c['dataset'] != 'web':
+        ignored.update({key: f"with dataset={c['dataset']!r}" for key in ('hf_name', 'hf_files', 'hf_max_tokens')})
+    if c['dataset'] != 'textfiles':
+        ignored['data_files'] = f"with dataset={c['dataset']!r}"
+    return ignored
+
+
+def check(c, defaults):
+    """Resolve the '' defaults and check every value that needs no model or data; raises ConfigError."""
+    if c['init_from'] not in ('scratch', 'resume'):
+        raise ConfigError(f"init_from={c['init_from']!r} is not 'scratch' or 'resume'")
+    try:
+        c['tokenizer'] = data.resolve_tokenizer(c['dataset'], c['tokenizer'])
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
+    for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval',
+                 'eval_interval'):
+        if c[name] < 1:
+            raise ConfigError(f"{name}={c[name]} must be a positive integer")
+    if not c['router_lr_scale'] > 0:
+        raise ConfigError(f"router_lr_scale={c['router_lr_scale']} must be > 0 (it multiplies learning_rate "
+                          f"for the routers)")
+    if c['max_iters'] < 0 or c['learning_rate'] <= 0:
+        raise ConfigError(f"max_iters={c['max_iters']} must be >= 0 and learning_rate={c['learning_rate']} > 0")
+    if c['max_skipped_steps'] < 0:
+        raise ConfigError(f"max_skipped_steps={c['max_skipped_steps']} must be >= 0")
+    if c['dist_timeout'] <= 0:
+        raise ConfigError(f"dist_timeout={c['dist_timeout']} must be > 0 seconds")
+    device = c['device'] = c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but this machine has no CUDA GPU: use --device=cpu")
+    if device not in ('cpu', 'mps') and not device.startswith('cuda'):
+        raise ConfigError(f"device={device!r} is not cpu, cuda or cuda:N")
+    bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
+    dtype = c['dtype'] = c['dtype'] or ('bfloat16' if bf16 else 'float32')
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ConfigError(f"dtype={dtype!r} is not float32, bfloat16 or float16")
+    if dtype == 'float16' and not device.startswith('cuda'):
+        raise ConfigError(f"dtype='float16' needs a CUDA GPU (on {device} it is emulated, many times slower): "
+                          f"use --dtype=float32 or bfloat16")
+    c['lr_decay_iters'] = c['lr_decay_iters'] or c['max_iters']
+    moe = c['moe_every'] > 0
+    if moe:  # a backend that does not exist, or that this device cannot run
+        try:
+            resolve_impl(c['expert_impl'], 'cuda' if device.startswith('cuda') else device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if c['compile'] and c['expert_impl'] == 'loop' and moe:
+        raise ConfigError("expert_impl='loop' is the eager reference and does not compile: use --compile=False "
+                          "or --expert_impl=grouped")
+    gpt = GPTConfig(**model_args(c))
+    try:
+        gpt.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c['ep_size'] != 1:  # expert parallelism: checked before any process group exists
+        if not moe:
+            raise ConfigError(f"ep_size={c['ep_size']} needs MoE layers (moe_every > 0)")
+        problem = distributed.check_ep_size(c['ep_size'], int(os.environ.get('WORLD_SIZE', 1)), gpt.moe_shape()[0])
+        if problem:
+            raise ConfigError(problem)
+        if c['compile']:  # the all-to-all's split sizes are data-dependent host values
+            raise ConfigError(f"ep_size={c['ep_size']} runs eagerly: add --compile=False")
+    for key, why in ignored_options(c).items():
+        if c[key] != defaults[key]:
+            raise ConfigError(f"{key}={c[key]!r} has no effect {why}: remove it")
+    return c
+
+
+def configure(argv, defaults):
+    """parse, then check: the config a run trains with."""
+    return check(parse(argv, defaults), defaults)
