@@ -52,7 +52,7 @@ class GPTConfig:
     router_renorm: bool = False  # topk/prototype: rescale the kept probabilities to sum to 1
     remoe_lambda0: float = 1e-8  # ReMoE: initial L1 coefficient λ (paper default)
     remoe_alpha: float = 1.2  # ReMoE: λ's multiplicative step (paper default)
-    remoe_lambda_floor: bool = True  # ReMoE: λ never falls below remoe_lambda0 (see ReMoERouter.update)
+    remoe_lambda_floor: bool = False  # ReMoE: λ never falls below remoe_lambda0 (see ReMoERouter.update)
 
     def __post_init__(self):
         if self.ffn_hidden == 0:  # keep SwiGLU's 3 matrices at the FLOPs of a 4x GELU MLP

@@ -202,7 +202,10 @@ class ReMoERouter(Router):
         self.alpha = config.remoe_alpha
         self.target_sparsity = 1 - self.top_k / self.n_expert  # the same for every granularity
         self.register_buffer('lam', torch.tensor(config.remoe_lambda0, dtype=torch.float32))
-        self.lambda_min = config.remoe_lambda0 if config.remoe_lambda_floor else 0.0
+        # Without the floor λ may fall as far as float32's smallest normal number: below it, in the
+        # denormals, x1.2 rounds back to the same value (2.8e-45 * 1.2 = 2.8e-45) and the controller
+        # could never climb again. At 1.2e-38 the penalty is zero for every purpose, as eq. 7 intends.
+        self.lambda_min = config.remoe_lambda0 if config.remoe_lambda_floor else torch.finfo(torch.float32).tiny
         # eq. 9-10 average the L1 over the L MoE layers; the reference code sums them
         self.l1_scale = 1 / self.n_moe_layers if config.remoe_l1_reduction == 'mean' else 1.0
 
@@ -218,9 +221,9 @@ class ReMoERouter(Router):
     def update(self, sparsity):
         # eq. 7: λ <- λ * α^sign(S* - S). Like the reference code, a step exactly on target
         # divides, so λ always moves by exactly α or 1/α. On the device: no host sync per step.
-        # The floor (remoe_lambda_floor): below λ0 the L1 term is as negligible as in stage I, and a λ
-        # that keeps dividing ends in float32's denormals (2.8e-45), where x1.2 rounds back to the
-        # same number: the controller could never climb again. With the floor it climbs from λ0.
+        # The floor (remoe_lambda_floor, opt-in): below λ0 the L1 term is as negligible as in stage I,
+        # but a λ that fell 30 orders of magnitude needs ~400 steps of x1.2 to matter again, while the
+        # sparsity drifts; with the floor it climbs from λ0 (README: ReMoE at small scale).
         self.lam.mul_(torch.where(torch.as_tensor(sparsity) < self.target_sparsity, self.alpha, 1 / self.alpha))
         self.lam.clamp_(min=self.lambda_min)
 

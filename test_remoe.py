@@ -11,6 +11,8 @@ import torch.nn as nn
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import analysis
+from conftest import REPO, run
 from model import GPT, MoE, GPTConfig
 from routers import remoe_l1
 
@@ -142,7 +144,8 @@ def test_remoe_controller_recovers_from_above(floor):
     """The toy above, started too sparse (every logit pushed down: sparsity 0.99, three experts dead
     on every token) after λ was divided for 600 steps, as in a run that stayed above its target.
     With the floor λ rests at λ0 and the sparsity is back in its band within 150 steps and stays;
-    without it λ sits in float32's denormals, cannot grow, and the sparsity overshoots far below."""
+    without it λ must climb back 30 orders of magnitude at x1.2 a step (~400 steps) while the
+    sparsity overshoots far below its target."""
     E, K, D, steps = 8, 1, 16, 400
     moe, _ = remoe_layer(E=E, K=K, D=D, H=16, seed=0, remoe_lambda_floor=floor)
     torch.manual_seed(0)
@@ -173,7 +176,7 @@ def test_remoe_controller_recovers_from_above(floor):
         assert outside.max().item() + 20 < 150  # in the band for good within 150 steps
         assert alive[-1] == alive[0]  # an expert off for every token gets no gradient: it stays dead
     else:
-        assert moe.router.lam.item() < 1e-44 and tail.max().item() < goal - 0.3
+        assert moe.router.lam.item() < 1e-5 and tail.max().item() < goal - 0.3
 
 
 def test_remoe_lambda_survives_checkpoints_casts_and_eval():
@@ -204,9 +207,11 @@ def test_remoe_lambda_survives_checkpoints_casts_and_eval():
 
 
 def test_remoe_lambda_floor_keeps_the_controller_able_to_climb():
-    """Too sparse for many steps: without the floor λ ends in float32's denormals, where x1.2
-    rounds back to the same number and λ can never grow again; with it, λ rests at λ0."""
-    for floor, rest in ((True, 1e-8), (False, 2.8e-45)):
+    """Too sparse for many steps: with the floor λ rests at λ0; without it at float32's smallest
+    normal number, never in the denormals, where x1.2 would round back to the same number (2.8e-45)
+    and λ could never grow again. Either way the next step too dense multiplies it by 1.2."""
+    tiny = torch.finfo(torch.float32).tiny
+    for floor, rest in ((True, 1e-8), (False, tiny)):
         config = GPTConfig(n_layer=1, n_head=1, n_embd=8, ffn_hidden=8, n_expert=4, top_k=1, router='remoe',
                            block_size=8, vocab_size=32, remoe_lambda0=1e-8, remoe_lambda_floor=floor)
         model = GPT(config)
@@ -215,4 +220,21 @@ def test_remoe_lambda_floor_keeps_the_controller_able_to_climb():
         assert model.router_lambda() == pytest.approx(rest, rel=0.01)
         model.update_routers(torch.tensor(0.1))  # now too dense: λ should grow
         grown = model.router_lambda()
-        assert grown == (pytest.approx(1.2e-8, rel=1e-6) if floor else pytest.approx(2.8e-45, rel=0.01))
+        assert grown == pytest.approx(1.2 * rest, rel=1e-6)
+
+
+def test_remoe_config_holds_its_target_in_a_real_run(tmp_path, data_dir):
+    """configs/remoe.py, narrowed (4 layers of width 64) and shortened to 500 steps so that it runs
+    in under a minute, trained for real: from step 250 the sparsity stays within ±0.03 of 0.75, λ
+    never collapses (stays above 1e-6) and no expert dies. With the paper's router learning rate and
+    no floor (--router_lr_scale=1 --remoe_lambda_floor=False) the same run fails all three on this
+    machine: 0.052 off target after step 250, λ down to 3.6e-35, two dead experts in layer 3."""
+    out = tmp_path / 'out'
+    run('train.py', str(REPO / 'configs' / 'remoe.py'), '--n_head=2', '--n_embd=64', '--ffn_hidden=128',
+        '--max_iters=500', '--eval_interval=500', '--eval_iters=2', '--compile=False', '--log_interval=1',
+        '--sample_tokens=0', f'--data_dir={data_dir}', f'--out_dir={out}', cwd=tmp_path)
+    log = analysis.read_log(out)
+    late = [r for r in log.steps if r['iter'] > 250]
+    assert max(abs(r['sparsity'] - 0.75) for r in late) <= 0.03
+    assert min(r['lambda'] for r in late) > 1e-6
+    assert analysis.dead_experts(analysis.expert_load(log)).sum() == 0

@@ -75,7 +75,7 @@ z_loss_coef = 0.0  # router z-loss
 router_renorm = False  # topk/prototype: renormalise the kept gates to sum to 1
 remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
 remoe_alpha = 1.2  # ReMoE: multiplicative step of the coefficient
-remoe_lambda_floor = True  # ReMoE: λ never falls below remoe_lambda0
+remoe_lambda_floor = False  # ReMoE: λ never falls below remoe_lambda0 (not in the paper; configs/remoe.py)
 aux_loss_reduction = 'sum'  # Switch (and z) loss over the MoE layers: 'sum' (Megatron) or 'mean' (RMoE)
 remoe_l1_reduction = 'mean'  # ReMoE's L1 over the MoE layers: 'mean' (paper, eq. 10) or 'sum' (its code)
 # AdamW optimizer

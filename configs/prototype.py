@@ -19,3 +19,4 @@ n_expert = 8
 top_k = 2  # groups
 router = 'prototype'
 aux_loss_coef = 0.01  # Switch loss inside each group
+router_lr_scale = 0.25  # the routers learn 4x slower: better val loss for top-k and ReMoE (README)
