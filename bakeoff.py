@@ -112,6 +112,11 @@ def train_all(folder, runs, seeds, common):
     """Train every (run, seed) not yet finished, one after another, one line each with an ETA."""
     jobs = [(label, config, overrides, seed) for label, config, overrides in runs for seed in seeds]
     durations = []
+
+    def done(label, seed):
+        state = folder / 'runs' / f'{label}-s{seed}' / 'run.json'
+        return state.exists() and json.loads(state.read_text())['done']
+    left = sum(not done(label, seed) for label, _, _, seed in jobs)  # runs still to train, for the ETA
     for n, (label, config, overrides, seed) in enumerate(jobs, 1):
         name = f'{label}-s{seed}'
         out = folder / 'runs' / name
@@ -125,7 +130,6 @@ def train_all(folder, runs, seeds, common):
             print(f"[{n}/{len(jobs)}] {name}: done before ({analysis.fmt_minutes(state['seconds'])})")
             continue
         resume = state is not None and (out / 'ckpt.pt').exists()
-        left = len(jobs) - n + 1
         eta = f", bake-off ETA {analysis.fmt_minutes(sum(durations) / len(durations) * left)}" if durations else ''
         print(f"[{n}/{len(jobs)}] {name}: {'resuming' if resume else 'training'}{eta}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +145,7 @@ def train_all(folder, runs, seeds, common):
         state['done'] = True
         state_path.write_text(json.dumps(state, indent=1))
         durations.append(time.time() - t0)
+        left -= 1
         final = analysis.final_eval(analysis.read_log(out))
         print(f"[{n}/{len(jobs)}] {name}: val loss {final['val_loss']:.4f} in "
               f"{analysis.fmt_minutes(time.time() - t0)}", flush=True)

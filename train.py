@@ -231,8 +231,9 @@ def estimate_loss():
                 domain_sums[0] += torch.bincount(d, token_loss, minlength=len(domains))
                 domain_sums[1] += torch.bincount(d, minlength=len(domains))
         out[split] = losses.mean().item()
-    for i, name in enumerate(domains):
-        out[f'val_{name}'] = (domain_sums[0, i] / domain_sums[1, i].clamp_min(1)).item()
+    for i, name in enumerate(domains):  # a domain that no eval window reached has no loss: NaN, not 0
+        n = domain_sums[1, i].item()
+        out[f'val_{name}'] = domain_sums[0, i].item() / n if n else float('nan')
     model.train()
     return out
 
