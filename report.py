@@ -113,7 +113,8 @@ def claims(rows):
         holds = all(a < b for a, b in zip(vals, vals[1:]))
         gaps = [b - a for a, b in zip(vals, vals[1:])]
         noise = max(std[k] for k in labels)
-        note = 'within seed noise' if min(abs(g) for g in gaps) < 2 * noise else 'gaps above twice the seed std'
+        note = ('one seed: no noise estimate' if len(rows[labels[0]]['val']) < 2 else
+                'within seed noise' if min(abs(g) for g in gaps) < 2 * noise else 'gaps above twice the seed std')
         out.append(f"- {claim} ({source}): **{'holds' if holds else 'does not hold'}**: "
                    + ' vs '.join(f'{k} {mean[k]:.4f}' for k in labels)
                    + f" (gaps {', '.join(f'{g:+.4f}' for g in gaps)}; largest seed std {noise:.4f}; {note})")
@@ -142,7 +143,8 @@ def claims(rows):
     topk = _one(rows, 'topk')
     def more(claim, key, hi, lo, what):
         (a, sa), (b, sb) = analysis.mean_std(rows[hi][key]), analysis.mean_std(rows[lo][key])
-        note = 'within seed noise' if abs(a - b) < 2 * max(sa, sb) else 'gap above twice the seed std'
+        note = ('one seed: no noise estimate' if len(rows[hi][key]) < 2 else
+                'within seed noise' if abs(a - b) < 2 * max(sa, sb) else 'gap above twice the seed std')
         out.append(f"- {claim}: **{'holds' if a > b else 'does not hold'}**: {what} {a:.3f} ± {sa:.3f} vs "
                    f"{b:.3f} ± {sb:.3f} bits ({note})")
 
