@@ -61,14 +61,20 @@ def tokens_per_sec(log):
     return float(np.median(speeds)) if speeds else float('nan')
 
 
-def expert_load(log, last=100):
-    """[L, E] fraction of tokens that used each expert, averaged over the last `last` iterations,
-    or None for a run without routing statistics."""
-    records = [r for r in log.steps if 'load' in r]
+def recent_mean(log, key, last=100):
+    """A per-layer statistic the log records every step (a list over MoE layers, or [L, E] lists),
+    averaged over the last `last` iterations; None for a run that does not log it."""
+    records = [r for r in log.steps if key in r]
     if not records:
         return None
     end = records[-1]['iter']
-    return np.mean([r['load'] for r in records if r['iter'] > end - last], axis=0)
+    return np.mean([r[key] for r in records if r['iter'] > end - last], axis=0)
+
+
+def expert_load(log, last=100):
+    """[L, E] fraction of tokens that used each expert, averaged over the last `last` iterations,
+    or None for a run without routing statistics."""
+    return recent_mean(log, 'load', last)
 
 
 def dead_experts(load):

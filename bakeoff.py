@@ -13,7 +13,8 @@ the same dataset, steps, evaluation and --set overrides; its seed sets both its 
 its data order, so seed s of every entry sees the same batches. Each run is train.py in a
 subprocess, writing results/<name>/runs/<label>-s<seed>/ (log.jsonl, ckpt.pt, train.log).
 Finished runs are reused and interrupted ones resumed, so a bake-off stopped with Ctrl-C
-continues where it stopped; a folder made with other settings is refused, never overwritten.
+continues where it stopped; a folder made with other settings is refused, never overwritten. A
+finished run folder copied from another bake-off with the same settings is reused as it is.
 """
 import argparse
 import json
@@ -28,7 +29,8 @@ import analysis
 import data
 
 REPO = Path(__file__).resolve().parent
-DEFAULT_RUNS = 'dense,topk,remoe,rmoe,remoe-recurrent:remoe+recurrent_router=True,prototype'
+DEFAULT_RUNS = ('dense,topk,topk-bias:topk+balance=bias,remoe,rmoe,remoe-recurrent:remoe+recurrent_router=True,'
+                'prototype')
 
 
 class LabError(Exception):
@@ -123,7 +125,10 @@ def train_all(folder, runs, seeds, common):
         argv = train_argv(config, overrides, common, seed, out)
         state_path = out / 'run.json'
         state = json.loads(state_path.read_text()) if state_path.exists() else None
-        if state and state['argv'] != [str(a) for a in argv]:
+        # where a run lives is not how it was trained: a finished run copied from another bake-off
+        # with the same settings is reused
+        how = lambda args: [str(a) for a in args if not str(a).startswith('--out_dir=')]
+        if state and how(state['argv']) != how(argv):
             raise LabError(f"{out} was trained with another command ({' '.join(state['argv'][1:])}): "
                            f"give this entry another label or delete that folder")
         if state and state['done']:

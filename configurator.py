@@ -83,10 +83,12 @@ def model_args(config):
 
 
 # options that a choice makes meaningless: setting one is a mistake, not a no-op
-SOFTMAX_ONLY = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction')  # (renorm, capacity: GPTConfig says)
+# (router_renorm and capacity_factor with remoe: GPTConfig.validate says why)
+SOFTMAX_ONLY = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction', 'balance', 'bias_update_rate')
 REMOE_ONLY = ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
 MOE_ONLY = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'expert_impl', 'expert_granularity',
-            'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', *SOFTMAX_ONLY, *REMOE_ONLY)
+            'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', 'n_shared_expert', *SOFTMAX_ONLY,
+            *REMOE_ONLY)
 
 
 def ignored_options(c):
@@ -98,6 +100,10 @@ def ignored_options(c):
                                                                    else REMOE_ONLY)}
         if not c['recurrent_router']:
             ignored['rmoe_dim'] = 'without recurrent_router=True'
+        if c['router'] != 'remoe' and c['balance'] != 'aux':
+            ignored['aux_loss_coef'] = f"with balance={c['balance']!r} (only 'aux' has the Switch loss)"
+        if c['router'] != 'remoe' and c['balance'] != 'bias':
+            ignored['bias_update_rate'] = f"with balance={c['balance']!r} (only 'bias' has a bias)"
     if c['dataset'] != 'web':
         ignored.update({key: f"with dataset={c['dataset']!r}" for key in ('hf_name', 'hf_files', 'hf_max_tokens')})
     if c['dataset'] != 'textfiles':

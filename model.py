@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experts import Experts, check_impl, swiglu
-from routers import ROUTERS, log_record, make_router
+from routers import BALANCES, ROUTERS, log_record, make_router
 
 
 @dataclass
@@ -41,8 +41,11 @@ class GPTConfig:
     rmoe_dim: int = 128  # RMoE: width p of the projector and of the GRU state
     expert_impl: str = 'auto'  # 'loop' (reference), 'grouped', 'auto'
     expert_granularity: int = 1  # G: E*G experts of hidden H/G, K*G active (same parameters)
+    n_shared_expert: int = 0  # always-on experts per MoE layer beside the routed ones (DeepSeekMoE), each of hidden H/G
     capacity_factor: float = 0.0  # topk/prototype: slots per expert = cf * K * N / E; 0 = dropless
-    aux_loss_coef: float = 0.01  # Switch balancing loss, per MoE layer (topk, prototype)
+    balance: str = 'aux'  # topk/prototype load balancing: 'aux' (Switch loss), 'bias' (loss-free), 'none'
+    aux_loss_coef: float = 0.01  # Switch balancing loss, per MoE layer (topk, prototype, balance='aux')
+    bias_update_rate: float = 1e-3  # balance='bias': the bias step u per optimizer step (2408.15664: 1e-3)
     z_loss_coef: float = 0.0  # ST-MoE router z-loss, per MoE layer (1e-3 is typical)
     # how the MoE layers' aux losses add up: 'sum' or 'mean' ('mean' = 'sum' / number of MoE layers)
     aux_loss_reduction: str = 'sum'  # Switch and z-loss: 'sum' as Megatron and ReMoE's top-k baseline,
@@ -98,6 +101,12 @@ class GPTConfig:
         if self.expert_granularity < 1 or self.ffn_hidden % self.expert_granularity:
             raise ValueError(f"expert_granularity={self.expert_granularity} must be a positive divisor "
                              f"of ffn_hidden={self.ffn_hidden}")
+        if self.n_shared_expert < 0:
+            raise ValueError(f"n_shared_expert={self.n_shared_expert} must be >= 0")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance={self.balance!r} is not one of {', '.join(BALANCES)}")
+        if not self.bias_update_rate > 0:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} must be > 0")
         for name in ('aux_loss_reduction', 'remoe_l1_reduction'):
             if getattr(self, name) not in ('sum', 'mean'):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not 'sum' or 'mean'")
@@ -110,6 +119,9 @@ class GPTConfig:
             if self.router_renorm:
                 raise ValueError("router_renorm=True with router='remoe' is invalid: ReLU gates are never "
                                  "normalised (ReMoE §3.2)")
+            if self.balance != 'aux':
+                raise ValueError(f"balance={self.balance!r} with router='remoe' is invalid: ReMoE balances through "
+                                 f"its load-weighted L1 (eq. 10-11); bias balancing is for topk and prototype")
             if not (self.remoe_alpha > 1 and self.remoe_lambda0 > 0):
                 raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 and "
                                  f"remoe_lambda0={self.remoe_lambda0} > 0")
@@ -152,29 +164,36 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Dense SwiGLU (Shazeer 2020). Gate and up projections share one matmul, like the experts."""
 
-    def __init__(self, config):
+    def __init__(self, n_embd, hidden):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 2 * config.ffn_hidden, bias=False)
-        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(n_embd, 2 * hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=False)
 
-    def forward(self, x, state):
-        return self.c_proj(swiglu(self.c_fc(x))), None, {}, state  # no aux loss, no stats
+    def forward(self, x):
+        return self.c_proj(swiglu(self.c_fc(x)))
 
 
 class MoE(nn.Module):
-    """y_n = sum_e gates[n, e] * FFN_e(x_n): the router decides the gates, the experts compute."""
+    """y_n = sum_e gates[n, e] * FFN_e(x_n) (+ the shared experts' output): the router decides the
+    gates, the experts compute."""
 
     def __init__(self, config, gru=None):
         super().__init__()
         E, _, H = config.moe_shape()
         self.router = make_router(config, gru)
         self.experts = Experts(E, config.n_embd, H, config.expert_impl, config.init_std)
+        # DeepSeekMoE's shared experts: S SwiGLUs every token uses, ungated. Their sum is one SwiGLU
+        # of hidden S*H (the S hidden blocks side by side), so they are one dense MLP here.
+        S = config.n_shared_expert
+        self.shared = MLP(config.n_embd, S * H) if S else None
 
     def forward(self, x, state):
         B, T, D = x.shape
         x = x.view(B * T, D)
         gates, aux_loss, stats, state = self.router(x, state)  # gates: [N, E]
         y = self.experts(x, gates)  # [N, D]
+        if self.shared is not None:
+            y = y + self.shared(x)
         return y.view(B, T, D), aux_loss, stats, state
 
 
@@ -184,11 +203,14 @@ class Block(nn.Module):
         self.ln_1 = nn.RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.RMSNorm(config.n_embd)
-        self.mlp = MoE(config, gru) if config.is_moe(layer) else MLP(config)
+        self.mlp = MoE(config, gru) if config.is_moe(layer) else MLP(config.n_embd, config.ffn_hidden)
 
     def forward(self, x, cos, sin, state):
         x = x + self.attn(self.ln_1(x), cos, sin)
-        y, aux_loss, stats, state = self.mlp(self.ln_2(x), state)
+        if isinstance(self.mlp, MoE):
+            y, aux_loss, stats, state = self.mlp(self.ln_2(x), state)
+        else:  # no aux loss, no routing stats
+            y, aux_loss, stats = self.mlp(self.ln_2(x)), None, {}
         return x + y, aux_loss, stats, state
 
 
@@ -227,7 +249,8 @@ class GPT(nn.Module):
 
     def num_params(self, active=False):
         """Parameter count; the tied embedding counts once (it is the output head's matmul).
-        active=True counts only what one token uses: K of the E experts in each MoE layer."""
+        active=True counts only what one token uses: K of the E routed experts in each MoE layer
+        (the shared experts count whole in both)."""
         n = sum(p.numel() for p in self.parameters())
         if active:  # ReMoE's K is an average, held there by its controller
             E, K, _ = self.config.moe_shape()
@@ -238,11 +261,16 @@ class GPT(nn.Module):
         return n
 
     @torch.no_grad()
-    def update_routers(self, sparsity):
-        """Once per optimizer step: routers that adapt online (ReMoE's λ) see the sparsity measured
-        over that step's training forwards, averaged over micro-steps, MoE layers and ranks."""
-        for router in self.routers():
-            router.update(sparsity)
+    def update_routers(self, load):
+        """Once per optimizer step: routers that adapt online (ReMoE's λ, the balancing bias) see
+        load [L_moe, E], the fraction of tokens that chose each expert, measured over that step's
+        training forwards and averaged over micro-steps and ranks (info['load'] of each forward).
+        ReMoE's sparsity (eq. 8) is the fraction of zero gates over all MoE layers: 1 - mean load."""
+        routers = self.routers()
+        assert load.shape == (len(routers), self.config.moe_shape()[0]), f"load {tuple(load.shape)}: [L_moe, E]"
+        sparsity = 1 - load.float().mean()
+        for router, layer_load in zip(routers, load.float()):
+            router.update(sparsity, layer_load)
 
     def routers(self):
         """The router of every MoE layer, in order."""

@@ -120,6 +120,48 @@ def remoe_dynamics(runs, path):
     return _save(fig, path)
 
 
+def load_balance(runs, path, window=25):
+    """Left: how balanced each routed label's experts are during training, the load CV (0 =
+    balanced) averaged over MoE layers and seeds, smoothed over `window` logged steps. Right, for
+    the runs with balance='bias': the bias spread (max - min) of each MoE layer, first seed."""
+    logs = {label: [analysis.read_log(d) for d in dirs] for label, dirs in runs.items()}
+    logs = {label: ls for label, ls in logs.items() if any('load_cv' in r for r in ls[0].steps)}
+    if not logs:
+        return None
+    biased = {label: ls[0] for label, ls in logs.items() if any('bias_spread' in r for r in ls[0].steps)}
+    fig, axes = plt.subplots(1, 2 if biased else 1, figsize=(11 if biased else 6.5, 4.2), squeeze=False,
+                             layout='constrained')
+    smooth = lambda y: np.convolve(y, np.ones(window) / window, mode='valid')
+    ax = axes[0, 0]
+    for i, (label, ls) in enumerate(logs.items()):
+        curves = [{r['iter']: np.mean(r['load_cv']) for r in log.steps if 'load_cv' in r} for log in ls]
+        iters = sorted(set.intersection(*(set(c) for c in curves)))
+        cv = np.mean([[c[it] for it in iters] for c in curves], axis=0)
+        if len(cv) >= window:
+            ax.plot(iters[window - 1:], smooth(cv), color=COLORS[i % len(COLORS)], lw=1.3,
+                    label=f'{label} (n={len(ls)})')
+    ax.set_xlabel('training step')
+    ax.set_ylabel('load CV over experts (0 = balanced)')
+    ax.set_title(f'Load imbalance, mean over MoE layers ({window}-step mean)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if biased:
+        ax = axes[0, 1]
+        for i, (label, log) in enumerate(biased.items()):
+            steps = [r for r in log.steps if 'bias_spread' in r]
+            spread = np.array([r['bias_spread'] for r in steps])  # [steps, L]
+            for layer in range(spread.shape[1]):
+                ax.plot([r['iter'] for r in steps], spread[:, layer], lw=1, color=COLORS[layer % len(COLORS)],
+                        ls=['-', '--', ':', '-.'][i % 4], label=f'{label}, layer {layer}')
+        ax.set_xlabel('training step')
+        ax.set_ylabel('bias max − min (probability units)')
+        ax.set_title('Balancing bias spread, by MoE layer (first seed)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    fig.suptitle('Load balancing during training: the aux loss, the bias, ReMoE\'s L1, none')
+    return _save(fig, path)
+
+
 def expert_load(loads, path):
     """Heat maps of expert load, layer x expert, one per label: the fraction of tokens using each
     expert over the last 100 steps, divided by the layer's fair share (1 = balanced). Dead experts
@@ -223,6 +265,7 @@ def main(argv=None):
             sys.exit(2)
         runs[os.path.basename(os.path.normpath(d))] = [d]
     made = [val_loss(runs, f'{args.out}/val_loss.png'), remoe_dynamics(runs, f'{args.out}/remoe_dynamics.png'),
+            load_balance(runs, f'{args.out}/load_balance.png'),
             expert_load({k: analysis.expert_load(analysis.read_log(v[0])) for k, v in runs.items()},
                         f'{args.out}/expert_load.png')]
     with_ckpt = {k: v for k, v in runs.items() if os.path.isfile(os.path.join(v[0], 'ckpt.pt'))}

@@ -16,10 +16,13 @@ import analysis
 
 
 def kind(run):
-    """What a run's config makes of its MoE layers: 'dense', 'topk', 'remoe', 'topk-recurrent', ..."""
+    """What a run's config makes of its MoE layers: 'dense', 'topk', 'remoe', 'topk-recurrent',
+    'topk-bias' (balance='bias'), 'topk-noaux' (balance='none'), 'remoe-shared', ..."""
     if run['moe_every'] == 0:
         return 'dense'
-    return run['router'] + ('-recurrent' if run['recurrent_router'] else '')
+    balance = {'aux': '', 'bias': '-bias', 'none': '-noaux'}[run.get('balance', 'aux')]  # older runs: aux
+    return (run['router'] + ('-recurrent' if run['recurrent_router'] else '') + balance
+            + ('-shared' if run.get('n_shared_expert', 0) else ''))
 
 
 def summarize(folder, runs, seeds):
@@ -39,7 +42,10 @@ def summarize(folder, runs, seeds):
             'seconds': [json.loads((d / 'run.json').read_text())['seconds'] for d in dirs],
             'load': None if loads[0] is None else np.mean(loads, axis=0),
             'dead': None if loads[0] is None else [int(analysis.dead_experts(x).sum()) for x in loads],
-            'load_cv': None if loads[0] is None else [float(analysis.load_cv(x).mean()) for x in loads],
+            'load_cv': None if loads[0] is None else np.mean([analysis.load_cv(x) for x in loads], axis=0),  # [L]
+            'mean_load_cv': None if loads[0] is None else [float(analysis.load_cv(x).mean()) for x in loads],
+            'dropped': [analysis.recent_mean(log, 'dropped') for log in logs],  # per seed, [L] or None
+            'bias_spread': [log.steps[-1].get('bias_spread') for log in logs],  # per seed, [L] or None
             'experts': None if loads[0] is None else np.mean([log.steps[-1]['active_experts'] for log in logs], axis=0),
             'controller': [analysis.remoe_controller(log) for log in logs],
         }
@@ -72,13 +78,22 @@ def tables(rows):
                      + f"{np.mean(r['tokens_per_sec']):,.0f} | {analysis.fmt_minutes(np.mean(r['seconds']))} |")
     routed = {k: r for k, r in rows.items() if r['load'] is not None}
     if routed:
-        lines += ['', '| run | experts per token, by layer | load CV | dead experts (per seed) | '
-                  'I(domain; expert), bits | cross-layer MI, bits | ρ(frequency, experts) |', '|---' * 7 + '|']
+        by_layer = lambda xs, fmt='.2f': ' / '.join(f'{x:{fmt}}' for x in xs)
+        lines += ['', '| run | experts per token, by layer | load CV, by layer | dead experts (per seed) | dropped | '
+                  'I(domain; expert), bits | cross-layer MI, bits | ρ(frequency, experts) |', '|---' * 8 + '|']
         for label, r in routed.items():
-            lines.append(f"| {label} | {' / '.join(f'{x:.2f}' for x in r['experts'])} | {np.mean(r['load_cv']):.2f} | "
-                         f"{', '.join(map(str, r['dead']))} | "
+            dropped = [np.mean(d) for d in r['dropped'] if d is not None]
+            dropped = f'{100 * np.mean(dropped):.1f}%' if dropped and r['run'].get('capacity_factor', 0) > 0 else '-'
+            lines.append(f"| {label} | {by_layer(r['experts'])} | {by_layer(r['load_cv'])} | "
+                         f"{', '.join(map(str, r['dead']))} | {dropped} | "
                          f"{pm(r['domain_mi'], 3) if 'domain_mi' in r else '-'} | {pm(r['cross_mi'], 3)} | "
                          f"{'- (K fixed)' if np.isnan(r['rho']).all() else pm(r['rho'], 2)} |")
+    biased = {k: r for k, r in rows.items() if r['bias_spread'][0] is not None}
+    if biased:
+        lines += ['', '| run | bias spread (max − min) at the end, by layer | bias step u |', '|---' * 3 + '|']
+        for label, r in biased.items():
+            lines.append(f"| {label} | {by_layer(np.mean(r['bias_spread'], axis=0), '.3f')} | "
+                         f"{r['run']['bias_update_rate']:g} |")
     controlled = {k: r for k, r in rows.items() if r['controller'][0] is not None}
     if controlled:
         lines += ['', '| run | settles in ±0.02 at step | spread after | max \\|S − S*\\| after step 200 | '
@@ -134,6 +149,14 @@ def claims(rows):
         out.append(f"- ReMoE's gain over top-k grows with E (ReMoE Fig. 6b): "
                    f"**{'holds' if holds else 'does not hold'}**: "
                    + ', '.join(f'E={e}: {g:+.4f}' for (e, _, _), g in zip(pairs, gaps)))
+    order('loss-free bias balancing < the Switch aux loss in validation loss', 'arXiv 2408.15664',
+          [_one(rows, 'topk-bias'), _one(rows, 'topk')])
+    biased, aux = _one(rows, 'topk-bias'), _one(rows, 'topk')
+    if biased and aux:  # the paper's MaxVio is the largest overload; the load CV is its spread
+        (a, sa), (b, sb) = (analysis.mean_std(rows[k]['mean_load_cv']) for k in (biased, aux))
+        out.append(f"- loss-free bias balancing balances the load better than the aux loss (arXiv 2408.15664): "
+                   f"**{'holds' if a < b else 'does not hold'}**: load CV (mean over layers, last 100 "
+                   f"steps) {a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f}")
     remoe = _one(rows, 'remoe')
     if remoe and 'rho' in rows[remoe]:
         rho = np.mean(rows[remoe]['rho'])
@@ -183,6 +206,7 @@ def write(folder, runs, seeds, plots=True):
         by_label = {label: r['dirs'] for label, r in rows.items()}
         made = [figures.val_loss(by_label, folder / 'val_loss.png'),
                 figures.remoe_dynamics(by_label, folder / 'remoe_dynamics.png'),
+                figures.load_balance(by_label, folder / 'load_balance.png'),
                 figures.expert_load({k: r['load'] for k, r in rows.items()}, folder / 'expert_load.png'),
                 figures.rare_tokens({k: r['snap'] for k, r in rows.items()}, folder / 'rare_tokens.png'),
                 figures.domain_routing({k: r['snap'] for k, r in rows.items()}, folder / 'domain_routing.png')]

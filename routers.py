@@ -16,6 +16,10 @@ A router is two choices:
 - how logits become gates (`router`): 'topk' (softmax, keep K), 'remoe' (ReLU, a variable number
   of experts held at K on average by an adaptive L1 penalty), 'prototype' (K groups, top-1 in each).
 
+The softmax routers (topk, prototype) also choose how their load is balanced (`balance`): 'aux'
+(the Switch loss), 'bias' (DeepSeek's auxiliary-loss-free balancing: a per-expert bias that steers
+selection only, nudged after every optimizer step) or 'none'. ReMoE balances through its L1.
+
 Legend for shape comments: N tokens, E experts, K active experts per token, D model width,
 p RMoE's recurrent width, m = E/K experts per prototype group.
 """
@@ -27,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROUTERS = ('topk', 'remoe', 'prototype')
+BALANCES = ('aux', 'bias', 'none')  # how topk and prototype balance their load
 
 
 def switch_balance_loss(probs, gates, top_k):
@@ -97,6 +102,8 @@ def log_record(info):
         'active_experts': r(info['active'].float()),
         'router_entropy': r(info['entropy'].float()),
         'dropped': r(info['dropped'].float()),
+        **({'bias_spread': r(info['bias_spread'].float()), 'bias': [r(layer) for layer in info['bias'].float()]}
+           if 'bias' in info else {}),  # balance='bias': each layer's bias (max - min) and values
     }
 
 
@@ -113,6 +120,11 @@ class Router(nn.Module):
         layers = 1 / self.n_moe_layers if config.aux_loss_reduction == 'mean' else 1.0
         self.aux_loss_coef = config.aux_loss_coef * layers
         self.z_loss_coef = config.z_loss_coef * layers
+        self.balance = config.balance
+        if self.balance == 'bias':  # auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664)
+            # an fp32 buffer outside autograd, like ReMoE's λ: checkpointed, moved only by update()
+            self.register_buffer('bias', torch.zeros(self.n_expert, dtype=torch.float32))
+            self.bias_update_rate = config.bias_update_rate
         if config.recurrent_router:  # RMoE eq. 4-6
             self.proj = nn.Linear(config.n_embd, config.rmoe_dim, bias=False)  # per layer: D -> p
             self.gru = gru  # ONE GRU cell shared by all layers (the same module object in each)
@@ -152,17 +164,55 @@ class Router(nn.Module):
             stats['dropped'] = gates.new_zeros(())
         return gates
 
+    def selection_scores(self, probs):
+        """What top-k (top-1 per group) ranks: the probabilities, plus the balancing bias under
+        balance='bias' (2408.15664 eq. 3). Only the choice of experts sees the bias: the gate values
+        are read from probs, so the bias never enters the output nor receives a gradient."""
+        if self.balance != 'bias':
+            return probs
+        return probs + self.bias.view(probs.shape[1:])  # [N, E], or [N, K, m] for prototype's groups
+
+    def balance_loss(self, loss):
+        """The Switch loss weighted by its coefficient under balance='aux'; nothing otherwise. Nothing
+        is written 0 * loss, not a constant 0: in torch 2.13 a compiled `lm_loss + constant` comes
+        back without grad_fn (the same bug as the dense model's `loss + 0`, see GPT.forward)."""
+        return (self.aux_loss_coef if self.balance == 'aux' else 0.0) * loss
+
     def with_z_loss(self, aux_loss, logits):
         return aux_loss + self.z_loss_coef * z_loss(logits) if self.z_loss_coef > 0 else aux_loss
 
+    def add_bias_stats(self, stats):
+        if self.balance == 'bias':
+            stats['bias'] = self.bias.clone()  # [E], as this forward used it
+            stats['bias_spread'] = self.bias.max() - self.bias.min()
+
     @torch.no_grad()
-    def update(self, sparsity):
-        """Called once per optimizer step with that step's measured sparsity (a 0-d tensor or a
-        float); most routers keep no online state."""
+    def update(self, sparsity, load):
+        """Called once per optimizer step with what that step's training forwards measured over all
+        micro-steps and ranks: sparsity (0-d, over every MoE layer) and load [E], the fraction of
+        tokens that chose each expert of this layer (before capacity drops). On the device: no host sync."""
+        if self.balance == 'bias':
+            # 2408.15664 Alg. 1: b_e += u * sign(mean load - load_e), underloaded experts up, overloaded down
+            self.bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+            # Kept zero-mean. A constant added to every score changes no top-k or per-group top-1
+            # choice, so only differences of bias matter; but the sign steps do not sum to zero (one
+            # overloaded expert, seven underloaded: +6u a step), and an uncentred bias would drift
+            # without bound, spending fp32 precision beside probabilities of ~0.1.
+            self.bias.sub_(self.bias.mean())
 
     def log_state(self):
-        """The router's online state for the training log ({} for routers that keep none)."""
+        """The router's online state for the training log that is the same in every layer
+        (ReMoE's λ); {} for routers that keep none. Per-layer state goes in the forward's stats."""
         return {}
+
+    def _apply(self, fn, recurse=True):
+        # online controller state (ReMoE's λ, the balancing bias) stays fp32 whatever the model is
+        # cast to: bf16 would round away the controllers' small steps
+        keep = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buf in keep.items():
+            setattr(self, name, buf.to(getattr(self, name).device))
+        return self
 
 
 class TopKRouter(Router):
@@ -176,12 +226,14 @@ class TopKRouter(Router):
     def forward(self, x, state=None):
         logits, state = self.logits(x, state)  # [N, E]
         probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)  # [N, K]
+        top_i = self.selection_scores(probs).topk(self.top_k, dim=-1).indices  # [N, K]
+        top_p = probs.gather(1, top_i)  # [N, K]
         if self.renorm:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(1, top_i, top_p)  # [N, E], K non-zeros per row
-        aux_loss = self.aux_loss_coef * switch_balance_loss(probs, gates, self.top_k)
+        aux_loss = self.balance_loss(switch_balance_loss(probs, gates, self.top_k))
         stats = routing_stats(gates, probs)
+        self.add_bias_stats(stats)
         choices = F.one_hot(top_i.t(), self.n_expert)  # [K, N, E], the r-th pick of every token
         gates = self.drop_overflow(gates, choices, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
@@ -218,7 +270,7 @@ class ReMoERouter(Router):
         return gates.to(x.dtype), aux_loss, stats, state
 
     @torch.no_grad()
-    def update(self, sparsity):
+    def update(self, sparsity, load):
         # eq. 7: λ <- λ * α^sign(S* - S). Like the reference code, a step exactly on target
         # divides, so λ always moves by exactly α or 1/α. On the device: no host sync per step.
         # The floor (remoe_lambda_floor, opt-in): below λ0 the L1 term is as negligible as in stage I,
@@ -229,13 +281,6 @@ class ReMoERouter(Router):
 
     def log_state(self):
         return {'lambda': self.lam.item()}
-
-    def _apply(self, fn, recurse=True):
-        # keep λ in fp32 whatever the model is cast to: bf16 would round away the controller's steps
-        lam = self.lam
-        super()._apply(fn, recurse)
-        self.lam = lam.to(self.lam.device)
-        return self
 
 
 class PrototypeRouter(Router):
@@ -249,18 +294,20 @@ class PrototypeRouter(Router):
         N, K = logits.size(0), self.top_k
         m = self.n_expert // K
         probs = logits.view(N, K, m).softmax(dim=-1)  # [N, K, m] softmax within each group
-        top_p, top_i = probs.max(dim=-1)  # [N, K] top-1 per group
+        top_i = self.selection_scores(probs).argmax(dim=-1)  # [N, K] top-1 per group
+        top_p = probs.gather(2, top_i[..., None]).squeeze(2)  # [N, K]
         if self.renorm:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         expert = top_i + m * torch.arange(K, device=x.device)  # [N, K] global expert ids
         gates = torch.zeros_like(logits).scatter(1, expert, top_p)  # [N, E]
         # the Switch loss inside each group (minimum 1 per group, K in all)
         group_gates = gates.view(N, K, m)
-        aux_loss = sum(switch_balance_loss(probs[:, j], group_gates[:, j], 1) for j in range(K))
+        aux_loss = self.balance_loss(sum(switch_balance_loss(probs[:, j], group_gates[:, j], 1) for j in range(K)))
         stats = routing_stats(gates, probs)
+        self.add_bias_stats(stats)
         # groups own disjoint experts, so their capacities never interact
         gates = self.drop_overflow(gates, F.one_hot(expert.t(), self.n_expert), stats)
-        return gates.to(x.dtype), self.with_z_loss(self.aux_loss_coef * aux_loss, logits), stats, state
+        return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
 
 
 def make_router(config, gru=None):

@@ -121,11 +121,11 @@ def test_expert_parallel_layer_equals_single_process(impl):
 # DDP + EP training steps of a whole model, in process
 
 
-def _training_matches(rank, router):
+def _training_matches(rank, router, extra):
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4, top_k=2, router=router,
-                       block_size=8, vocab_size=64, expert_impl='grouped', remoe_lambda0=1e-3)
+                       block_size=8, vocab_size=64, expert_impl='grouped', remoe_lambda0=1e-3, **extra)
     reference = GPT(config)  # the same init on both ranks (same seed)
     model = copy.deepcopy(reference)
     if rank > 0:  # another init elsewhere: apply_expert_parallel must take rank 0's experts
@@ -146,24 +146,30 @@ def _training_matches(rank, router):
         distributed.sync_expert_grads(model, d)
         distributed.clip_grad_norm_(model, 0.5, d)
         opt.step(), opt.zero_grad()
-        sparsity = distributed.all_reduce_mean(info['sparsity'].float().mean(), d)
-        model.update_routers(sparsity)
+        model.update_routers(distributed.all_reduce_mean(info['load'].float(), d))
         # one process, the same global batch as 2 micro-batches (mean of the per-rank losses)
-        ref_losses, ref_sparsity = [], 0
+        ref_losses, ref_load = [], 0
         for r in range(WORLD):
             rows = idx[r * 2:(r + 1) * 2]
             _, ref_loss, ref_info = reference(rows, rows)
             (ref_loss / WORLD).backward()
             ref_losses.append(ref_loss.detach())
-            ref_sparsity += ref_info['sparsity'].float().mean() / WORLD
+            ref_load += ref_info['load'].float() / WORLD
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         ref_opt.step(), ref_opt.zero_grad()
-        reference.update_routers(ref_sparsity)
+        reference.update_routers(ref_load)
         torch.testing.assert_close(loss.detach(), ref_losses[rank], rtol=1e-5, atol=1e-6, msg=f'step {step}')
     lams = [torch.zeros(()) for _ in range(WORLD)]
     if router == 'remoe':
         dist.all_gather(lams, torch.tensor(model.router_lambda()))
         assert lams[0] == lams[1] == reference.router_lambda()
+    if config.balance == 'bias':  # every rank took the same steps, from the global load
+        bias = torch.stack([r.bias for r in model.routers()])
+        assert bias.abs().sum() > 0
+        biases = [torch.zeros_like(bias) for _ in range(WORLD)]
+        dist.all_gather(biases, bias)
+        assert torch.equal(biases[0], biases[1])
+        torch.testing.assert_close(bias, torch.stack([r.bias for r in reference.routers()]))
     # the gathered checkpoint is the single-process model, key for key
     full = distributed.full_state_dict(model, d)
     ref_sd = reference.state_dict()
@@ -183,9 +189,10 @@ def _training_matches(rank, router):
             assert sharded['state'][i][key].shape == p.shape and torch.equal(sharded['state'][i][key], mine[i][key])
 
 
-@pytest.mark.parametrize('router', ['remoe', 'topk'])
-def test_ddp_with_expert_parallel_trains_like_one_process(router):
-    spawn(_training_matches, router)
+@pytest.mark.parametrize('router, extra', [('remoe', {}), ('topk', {}),
+                                           ('topk', dict(balance='bias', bias_update_rate=0.05, n_shared_expert=1))])
+def test_ddp_with_expert_parallel_trains_like_one_process(router, extra):
+    spawn(_training_matches, router, extra)
 
 # -----------------------------------------------------------------------------
 # the real entry point under torchrun

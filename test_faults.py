@@ -170,6 +170,11 @@ def test_resume_after_sigkill_mid_step_gives_the_uninterrupted_losses(tmp_path, 
     (['--data_files=a.txt'], "data_files='a.txt' has no effect with dataset='shakespeare_char'"),
     (['--dtype=float16'], "dtype='float16' needs a CUDA GPU"),
     (['--max_skipped_steps=-1'], 'max_skipped_steps=-1 must be >= 0'),
+    (['--balance=bias', '--aux_loss_coef=0.02'], "aux_loss_coef=0.02 has no effect with balance='bias'"),
+    (['--bias_update_rate=0.01'], "bias_update_rate=0.01 has no effect with balance='aux'"),
+    (['--router=remoe', '--balance=bias'], "balance='bias' with router='remoe' is invalid"),
+    (['--balance=loss'], "balance='loss' is not one of aux, bias, none"),
+    (['--n_shared_expert=-1'], 'n_shared_expert=-1 must be >= 0'),
 ])
 def test_bad_input_found_before_any_work(tmp_path, args, needle):
     """One line, exit code 2, before any data is prepared (this data_dir stays empty)."""

@@ -16,16 +16,17 @@ import analysis
 REPO = Path(__file__).resolve().parent
 
 
-def write_log(out_dir, router='remoe', iters=300, settle=120, n_layer=2, n_expert=4, top_k=1, dead=None):
+def write_log(out_dir, router='remoe', iters=300, settle=120, n_layer=2, n_expert=4, top_k=1, dead=None,
+              balance='aux'):
     """A log.jsonl like train.py's: a run header, a record per step and an evaluation every 50.
     The sparsity falls, then climbs into the band around 1 - K/E at `settle` and stays there;
     λ grows x1.2 a step until then and then alternates around its peak. `dead`: (layer, expert)
-    given no load at all."""
+    given no load at all. balance='bias' logs a bias spread that grows."""
     os.makedirs(out_dir, exist_ok=True)
     target = 1 - top_k / n_expert
     run = dict(dataset='multidomain', tokenizer='bytes', max_iters=iters, top_k=top_k, n_expert=n_expert,
                moe_every=0 if router is None else 1, router=router or 'topk', recurrent_router=False,
-               tokens_per_iter=1024, params=1000, active_params=800, domains=['drama', 'code'])
+               tokens_per_iter=1024, params=1000, active_params=800, domains=['drama', 'code'], balance=balance)
     records = [{'iter': 0, 'run': run}]
     rng = np.random.default_rng(0)
     lam = 1e-8
@@ -40,7 +41,10 @@ def write_log(out_dir, router='remoe', iters=300, settle=120, n_layer=2, n_exper
             load = np.full((n_layer, n_expert), top_k / n_expert)
             if dead:
                 load[dead] = 0.0
-            record.update(load=load.tolist(), active_experts=[float(top_k)] * n_layer)
+            cv = load.std(axis=1) / load.mean(axis=1) + 0.5 * np.exp(-it / 50)  # an imbalance that decays
+            record.update(load=load.tolist(), load_cv=cv.tolist(), active_experts=[float(top_k)] * n_layer)
+            if balance == 'bias':
+                record.update(bias_spread=[0.001 * it] * n_layer)
         if router == 'remoe':
             s = 0.5 - 0.3 * it / 20 if it < 20 else 0.2 + (it - 20) * (target - 0.05 - 0.2) / (settle - 20)
             if it >= settle:
@@ -138,6 +142,10 @@ def test_plots_from_synthetic_logs(tmp_path):
     no_remoe = {k: v for k, v in runs.items() if k != 'remoe'}
     assert plots.remoe_dynamics(no_remoe, tmp_path / 'fig' / 'none.png') is None
     assert plots.expert_load({'dense': None}, tmp_path / 'fig' / 'none.png') is None
+    _png(plots.load_balance(runs, tmp_path / 'fig' / 'balance.png'))  # the aux loss and ReMoE: one panel
+    runs['topk-bias'] = [write_log(tmp_path / 'b1', router='topk', balance='bias')]
+    _png(plots.load_balance(runs, tmp_path / 'fig' / 'balance_bias.png'))  # + the bias spread
+    assert plots.load_balance({'dense': runs['dense']}, tmp_path / 'fig' / 'none.png') is None
     assert not (tmp_path / 'fig' / 'none.png').exists()
 
 
@@ -212,3 +220,13 @@ def test_bakeoff_end_to_end(tmp_path):
     env = {'PYTHONPATH': str(blocker)}
     one_line_error(lab(tmp_path, *args, env=env, ok=False), 'pip install matplotlib, or pass --no_plots')
     assert 'done before' in lab(tmp_path, *args, '--no_plots', env=env).stdout
+
+
+def test_report_kinds_name_router_balance_and_shared_experts():
+    report = pytest.importorskip('report')
+    base = dict(moe_every=1, router='topk', recurrent_router=False)
+    assert report.kind({**base, 'moe_every': 0}) == 'dense'
+    assert report.kind(base) == 'topk'  # a run logged before balance existed
+    assert report.kind({**base, 'balance': 'bias'}) == 'topk-bias'
+    assert report.kind({**base, 'balance': 'none', 'recurrent_router': True}) == 'topk-recurrent-noaux'
+    assert report.kind({**base, 'router': 'remoe', 'balance': 'aux', 'n_shared_expert': 1}) == 'remoe-shared'

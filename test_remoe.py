@@ -126,7 +126,7 @@ def test_remoe_controller_reaches_and_holds_the_target_sparsity():
         ((y - target).square().mean() + aux_loss).backward()
         opt.step()
         opt.zero_grad()
-        moe.router.update(stats['sparsity'])
+        moe.router.update(stats['sparsity'], stats['load'])
         sparsity.append(stats['sparsity'].item())
         lam.append(moe.router.lam.item())
     goal = 1 - K / E
@@ -156,7 +156,7 @@ def test_remoe_controller_recovers_from_above(floor):
         target = teacher(x)
         moe.router.w_g.weight -= 2 * mean / mean.square().sum()  # every logit lowered by 2
         for _ in range(600):
-            moe.router.update(torch.tensor(0.99))
+            moe.router.update(torch.tensor(0.99), None)
     opt = torch.optim.AdamW(moe.parameters(), lr=3e-3)
     sparsity, alive = [], []
     for _ in range(steps):
@@ -165,7 +165,7 @@ def test_remoe_controller_recovers_from_above(floor):
         ((y - target).square().mean() + aux_loss).backward()
         opt.step()
         opt.zero_grad()
-        moe.router.update(stats['sparsity'])
+        moe.router.update(stats['sparsity'], stats['load'])
         sparsity.append(stats['sparsity'].item())
     goal = 1 - K / E
     assert sparsity[0] > 0.95 and alive[0] == E - 3
@@ -184,7 +184,7 @@ def test_remoe_lambda_survives_checkpoints_casts_and_eval():
                        block_size=8, vocab_size=32, remoe_lambda0=1e-8)
     model = GPT(config)
     for _ in range(7):
-        model.update_routers(torch.tensor(0.1))  # too dense: λ grows
+        model.update_routers(torch.full((2, 4), 0.9))  # too dense: λ grows
     lam = model.router_lambda()
     assert lam == pytest.approx(1e-8 * 1.2**7, rel=1e-6)
     idx = torch.randint(0, 32, (2, 8))
@@ -216,9 +216,9 @@ def test_remoe_lambda_floor_keeps_the_controller_able_to_climb():
                            block_size=8, vocab_size=32, remoe_lambda0=1e-8, remoe_lambda_floor=floor)
         model = GPT(config)
         for _ in range(600):
-            model.update_routers(torch.tensor(0.99))  # far sparser than the target 0.75
+            model.update_routers(torch.full((1, 4), 0.01))  # far sparser than the target 0.75
         assert model.router_lambda() == pytest.approx(rest, rel=0.01)
-        model.update_routers(torch.tensor(0.1))  # now too dense: λ should grow
+        model.update_routers(torch.full((1, 4), 0.9))  # now too dense: λ should grow
         grown = model.router_lambda()
         assert grown == pytest.approx(1.2 * rest, rel=1e-6)
 

@@ -167,19 +167,22 @@ def test_compiled_training_matches_eager(tmp_path, data_dir):
     assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-4)
 
 
-@pytest.mark.parametrize('moe_every, router, recurrent', [(0, 'topk', False), (1, 'topk', False),
-                                                          (2, 'remoe', True)])
-def test_compiled_training_matches_eager_in_process(moe_every, router, recurrent):
-    """fullgraph compile of the dense model, an MoE model and a recurrent ReMoE with dense layers
-    between its MoE layers: same losses and gradients as eager over several optimizer steps, with
-    λ updated between them, and no recompilation."""
+@pytest.mark.parametrize('moe_every, router, recurrent, extra', [
+    (0, 'topk', False, {}), (1, 'topk', False, {}), (2, 'remoe', True, {}),
+    (1, 'prototype', False, dict(balance='bias', bias_update_rate=0.05, n_shared_expert=1))])
+def test_compiled_training_matches_eager_in_process(moe_every, router, recurrent, extra):
+    """fullgraph compile of the dense model, an MoE model, a recurrent ReMoE with dense layers
+    between its MoE layers and a bias-balanced prototype router with a shared expert: same losses and
+    gradients as eager over several optimizer steps, with λ / the bias updated between them, and no
+    recompilation."""
     import copy
 
     from model import GPT, GPTConfig
     torch._dynamo.reset()  # forget the graphs other tests compiled for GPT.forward
     torch.manual_seed(0)
     config = GPTConfig(n_layer=3, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4, top_k=2, router=router,
-                       recurrent_router=recurrent, rmoe_dim=8, moe_every=moe_every, block_size=8, vocab_size=64)
+                       recurrent_router=recurrent, rmoe_dim=8, moe_every=moe_every, block_size=8, vocab_size=64,
+                       **extra)
     eager = GPT(config)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
@@ -194,11 +197,15 @@ def test_compiled_training_matches_eager_in_process(moe_every, router, recurrent
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-                model.update_routers(info['sparsity'].mean() if 'sparsity' in info else 0.0)
+                if 'load' in info:
+                    model.update_routers(info['load'])
                 if model is eager:
                     eager_loss = loss.detach()
                 else:
                     assert torch.allclose(loss.detach(), eager_loss, atol=1e-5, rtol=1e-5), step
     for p, cp in zip(eager.parameters(), compiled_model.parameters()):
         assert torch.allclose(p, cp, atol=1e-5, rtol=1e-4)
-    assert eager.router_lambda() == compiled_model.router_lambda()
+    router_state = lambda m: [b for name, b in m.named_buffers() if '.router.' in name]  # λ, the bias
+    assert len(router_state(eager)) == (config.n_moe_layers() if extra or router == 'remoe' else 0)
+    for b, cb in zip(router_state(eager), router_state(compiled_model)):
+        assert torch.equal(b, cb)

@@ -69,8 +69,11 @@ recurrent_router = False  # RMoE: router logits from a GRU shared across layers
 rmoe_dim = 128  # RMoE: projector and GRU width
 expert_impl = 'auto'  # 'loop' (readable reference), 'grouped', 'auto'
 expert_granularity = 1  # G: E*G experts of hidden H/G with K*G active
+n_shared_expert = 0  # always-on experts per MoE layer beside the routed ones (DeepSeekMoE)
 capacity_factor = 0.0  # topk/prototype: expert capacity = cf * K * N / E; 0 = dropless
-aux_loss_coef = 0.01  # Switch load-balancing loss (topk, prototype)
+balance = 'aux'  # topk/prototype: 'aux' (Switch loss), 'bias' (loss-free bias, 2408.15664), 'none'
+aux_loss_coef = 0.01  # Switch load-balancing loss (topk, prototype with balance='aux')
+bias_update_rate = 1e-3  # balance='bias': the bias step per optimizer step
 z_loss_coef = 0.0  # router z-loss
 router_renorm = False  # topk/prototype: renormalise the kept gates to sum to 1
 remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
@@ -299,7 +302,7 @@ while True:
     if last or eval_only:
         break
 
-    sparsity = torch.zeros((), device=device)  # of this step's training forwards, MoE layers only
+    load = torch.zeros((), device=device)  # [L_moe, E] once added to: this step's expert loads
     for micro_step in range(gradient_accumulation_steps):
         if dist.world_size > 1:  # DDP: average gradients only after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
@@ -308,18 +311,19 @@ while True:
             _, loss, info = model(X, Y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
-        if 'sparsity' in info:
-            sparsity += info['sparsity'].float().mean() / gradient_accumulation_steps
+        if 'load' in info:
+            load = load + info['load'].float() / gradient_accumulation_steps
     distributed.sync_expert_grads(raw_model, dist)  # EP: expert grads to DDP's mean over ranks
     scaler.unscale_(optimizer)
     # the norm of the full gradient (EP-aware; grad_clip=0 only measures it), the same on every rank
     grad_norm = distributed.clip_grad_norm_(raw_model, grad_clip, dist).item()
-    sparsity = distributed.all_reduce_mean(sparsity, dist)
+    load = distributed.all_reduce_mean(load, dist)  # the global load: all micro-steps, all ranks
     if math.isfinite(grad_norm) or scaler.is_enabled():  # float16: the scaler skips such steps itself
         skipped = 0
         scaler.step(optimizer)
         scaler.update()
-        raw_model.update_routers(sparsity)  # ReMoE eq. 7, once per optimizer step, from this step only
+        if 'load' in info:  # ReMoE eq. 7, the balancing bias: once per optimizer step, from this step only
+            raw_model.update_routers(load)
     else:  # one NaN/inf gradient: skip the step, as large trainers do; several in a row: diverged
         skipped += 1
         if dist.master:
@@ -350,7 +354,7 @@ while True:
                   'aux_loss': info['aux_loss'].item(), 'lr': lr, 'tokens_per_sec': round(tokens_per_sec),
                   'mfu': round(mfu, 4), **raw_model.routing_log(info)}
         if 'load' in info:  # ReMoE's controller saw this, measured on all micro-steps and ranks
-            record.update(sparsity=round(sparsity.item(), 5), sparsity_tokens=tokens_per_iter)
+            record.update(sparsity=round(1 - load.mean().item(), 5), sparsity_tokens=tokens_per_iter)
         if dist.ep_size > 1:  # rank 0's expert all-to-alls (forward + backward) per iteration
             a2a_bytes, a2a_seconds = distributed.take_a2a_stats(dist)
             record.update(a2a_ms=round(1000 * a2a_seconds / n_iters, 3), a2a_mb=round(a2a_bytes / n_iters / 1e6, 4))
