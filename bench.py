@@ -5,6 +5,7 @@ training of every config against configs/dense.py. Prints one table of ratios (m
     python bench.py                  # everything: the layer grid, then every config, eager and compiled
     python bench.py --quick          # a one-minute subset for a 2-core CPU
     python bench.py --T=4096 --D=256 --Ek=8,2 --e2e=topk   # any slice of the grid
+    python bench.py --T=512,4096 --Ek=8,2 --e2e=none --peer  # + the transformers Mixtral block
 
 (a) Layer: x [N, D] -> top-k router -> experts, for each backend, eager and compiled (fullgraph),
     forward and forward+backward, against the dense FFN in the same mode. Iso-FLOP convention:
@@ -54,6 +55,25 @@ class MoELayer(nn.Module):
             top_p, idx = probs.topk(self.K, dim=-1)                                # [N, K]
         gates = torch.zeros_like(probs).scatter(1, idx, top_p).to(x.dtype)       # [N, E]
         return self.experts(x, gates)
+
+
+class PeerLayer(nn.Module):
+    """The transformers Mixtral block (router + SwiGLU experts) at the same shape, for --peer: its
+    experts run as `impl` ('eager': transformers' per-expert loop, or 'grouped_mm')."""
+
+    def __init__(self, D, E, K, impl):
+        super().__init__()
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        config = MixtralConfig(hidden_size=D, intermediate_size=4 * D // K, num_local_experts=E,
+                               num_experts_per_tok=K, router_jitter_noise=0.0,
+                               **({} if impl == 'eager' else {'experts_implementation': impl}))
+        self.block = MixtralSparseMoeBlock(config)
+        for p in self.block.parameters():  # transformers leaves them to the model's init: uninitialised
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, x):
+        return self.block(x.unsqueeze(0)).squeeze(0)
 
 
 class DenseFFN(nn.Module):
@@ -122,12 +142,14 @@ def bench_layer(N, D, E, K, backends, modes, args, device, dtype):
     dy = torch.randn(N, D, device=device, dtype=dtype)
     layers = {'dense': DenseFFN(D)}
     layers.update({b: MoELayer(D, E, K, b, args.uniform) for b in backends})
+    if args.peer:
+        layers.update({f'transformers {impl}': PeerLayer(D, E, K, impl) for impl in ('eager', 'grouped_mm')})
     fns, mems = {}, {}
     for name, layer in layers.items():
         layer.to(device=device, dtype=dtype)
         for mode in modes:
-            if mode == 'compiled' and name == 'loop':
-                continue  # data-dependent shapes: loop is the eager reference
+            if mode == 'compiled' and (name == 'loop' or name.startswith('transformers')):
+                continue  # data-dependent shapes: loop is the eager reference; transformers' too
             f = torch.compile(layer, fullgraph=True, dynamic=False) if mode == 'compiled' else layer
 
             def fwd(f=f):
@@ -217,8 +239,15 @@ def main():
     p.add_argument('--uniform', action='store_true', help='forced-uniform routing (kernel speed without imbalance)')
     p.add_argument('--e2e', default='', help="configs to train against dense; default: the small ones; 'none' skips")
     p.add_argument('--iters', type=int, default=8, help='training iterations per end-to-end run')
+    p.add_argument('--peer', action='store_true',
+                   help="add the transformers Mixtral block (its eager loop and grouped_mm) to the layer rows")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
+    if args.peer:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            sys.exit("error: --peer needs the transformers package (pip install transformers); it is optional")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     backends = ['loop', 'grouped'] + (['triton'] if device.type == 'cuda' else [])

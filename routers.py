@@ -62,16 +62,17 @@ def remoe_l1(gates, top_k):
     return (f * gates).sum() / N
 
 
-def capacity_keep(choices, capacity):
+def capacity_keep(picks, n_expert, capacity):
     """Which assignments fit in their expert's buffer of `capacity` slots (GShard / Switch).
 
-    choices [R, N, E]: one-hot, the r-th pick of each token. Slots are filled in rank-major order,
-    every token's first pick before any second pick, tokens in order within a rank, so an
-    overflow drops the least important assignments. Returns keep [N, E] (bool).
+    picks [N, R]: each token's experts, in order of preference. Slots are filled in rank-major
+    order, every token's first pick before any second pick, tokens in order within a rank, so an
+    overflow drops the least important assignments. Returns keep [N, R] (bool), per pick.
     """
+    choices = F.one_hot(picks.t(), n_expert)  # [R, N, E], the r-th pick of every token
     R, N, E = choices.shape
     slot = choices.reshape(R * N, E).cumsum(0).reshape(R, N, E)  # 1-based slot in the expert's buffer
-    return ((slot <= capacity) & (choices > 0)).any(0)
+    return ((slot * choices).sum(-1) <= capacity).t()  # the slot each pick took, [N, R]
 
 
 def routing_stats(gates, probs=None):
@@ -153,15 +154,17 @@ class Router(nn.Module):
         """Slots per expert: capacity_factor * K * N / E, rounded up (0 = dropless)."""
         return math.ceil(self.capacity_factor * self.top_k * n_tokens / self.n_expert)
 
-    def drop_overflow(self, gates, choices, stats):
+    def drop_overflow(self, gates, picks, weights, stats):
         """Zero the assignments past their expert's capacity (training only: evaluation and
-        sampling are dropless, so a token's output never depends on the rest of the batch)."""
+        sampling are dropless, so a token's output never depends on the rest of the batch).
+        picks [N, K]: each token's experts, in order of preference; weights [N, K]: their gates.
+        The kept gates are scattered afresh rather than `gates * keep`: in torch 2.13 inductor
+        handed the expert op an all-zero gate matrix for that product (compiled MoE output 0)."""
         if self.capacity_factor > 0 and self.training:
-            keep = capacity_keep(choices, self.capacity(gates.size(0)))
-            stats['dropped'] = 1 - keep.sum() / choices.sum()
-            gates = gates * keep
-        else:
-            stats['dropped'] = gates.new_zeros(())
+            keep = capacity_keep(picks, self.n_expert, self.capacity(gates.size(0)))  # [N, K]
+            stats['dropped'] = 1 - keep.float().mean()
+            return torch.zeros_like(gates).scatter(1, picks, weights * keep)
+        stats['dropped'] = gates.new_zeros(())
         return gates
 
     def selection_scores(self, probs):
@@ -234,8 +237,7 @@ class TopKRouter(Router):
         aux_loss = self.balance_loss(switch_balance_loss(probs, gates, self.top_k))
         stats = routing_stats(gates, probs)
         self.add_bias_stats(stats)
-        choices = F.one_hot(top_i.t(), self.n_expert)  # [K, N, E], the r-th pick of every token
-        gates = self.drop_overflow(gates, choices, stats)
+        gates = self.drop_overflow(gates, top_i, top_p, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
 
 
@@ -306,7 +308,7 @@ class PrototypeRouter(Router):
         stats = routing_stats(gates, probs)
         self.add_bias_stats(stats)
         # groups own disjoint experts, so their capacities never interact
-        gates = self.drop_overflow(gates, F.one_hot(expert.t(), self.n_expert), stats)
+        gates = self.drop_overflow(gates, expert, top_p, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
 
 

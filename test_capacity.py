@@ -39,12 +39,11 @@ def test_capacity_is_never_exceeded_and_a_large_factor_drops_nothing(router, N, 
 
 
 def test_capacity_fills_first_choices_before_second_choices():
-    choices = torch.zeros(2, 3, 2)
-    choices[0, :, 0] = 1  # all three tokens pick expert 0 first...
-    choices[1, 0, 1] = choices[1, 1, 1] = 1  # ...and tokens 0, 1 pick expert 1 second
-    choices[1, 2, 1] = 1
-    keep = capacity_keep(choices, capacity=2)
+    picks = torch.tensor([[0, 1], [0, 1], [0, 1]])  # all three tokens pick expert 0 first, expert 1 second
+    keep = capacity_keep(picks, n_expert=2, capacity=2)
     assert keep.tolist() == [[True, True], [True, True], [False, False]]
+    picks = torch.tensor([[0, 1], [1, 0], [1, 0]])  # e1 full after two first picks; e0 after two
+    assert capacity_keep(picks, n_expert=2, capacity=2).tolist() == [[True, False], [True, True], [True, False]]
 
 
 def test_capacity_drops_in_one_group_leave_other_groups_alone():
