@@ -51,6 +51,19 @@ def data_dir(tmp_path_factory):
     return d
 
 
+def regression_steps(moe, x, target, steps, lr=3e-3):
+    """A model.MoE layer learning to map x to target with AdamW, its router updated after every
+    step as train.py does; yields each step's routing stats (the toy problems of the router tests)."""
+    opt = torch.optim.AdamW(moe.parameters(), lr=lr)
+    for _ in range(steps):
+        y, aux_loss, stats, _ = moe(x, None)
+        ((y - target).square().mean() + aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        moe.router.update(stats['sparsity'], stats['load'])
+        yield stats
+
+
 def train(tmp, data_dir, *args, **kw):
     """train.py on the tiny model and the session's data."""
     return run('train.py', *TINY, f'--data_dir={data_dir}', *args, cwd=tmp, **kw)

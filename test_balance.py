@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from experts import swiglu
 from model import GPT, MLP, GPTConfig, MoE
 from routers import make_router
-from conftest import read_log, train
+from conftest import read_log, regression_steps, train
 
 
 def router_pair(router, E, K, D, seed, **extra):
@@ -73,16 +73,8 @@ def test_bias_balances_a_skewed_router_step_after_step(router):
         with torch.no_grad():
             moe.router.w_g.weight[[0, 4]] += 2 * mean / mean.square().sum()  # +2 on two experts' logits
             target = nn.Sequential(nn.Linear(D, 32), nn.Tanh(), nn.Linear(32, D))(x)
-        opt = torch.optim.AdamW(moe.parameters(), lr=3e-3)
-        cv = []
-        for _ in range(steps):
-            y, aux_loss, stats, _ = moe(x, None)
-            ((y - target).square().mean() + aux_loss).backward()
-            opt.step()
-            opt.zero_grad()
-            moe.router.update(stats['sparsity'], stats['load'])
-            load = stats['load']
-            cv.append((load.std(correction=0) / load.mean()).item())
+        cv = [(s['load'].std(correction=0) / s['load'].mean()).item()
+              for s in regression_steps(moe, x, target, steps)]
         cvs[balance] = torch.tensor(cv).view(-1, 20).mean(1)  # [steps / 20]
     bias, none = cvs['bias'], cvs['none']
     assert bias[0] > 0.6 and none[0] > 0.6  # skewed at the start

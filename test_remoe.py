@@ -12,7 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import analysis
-from conftest import REPO, run
+from conftest import REPO, regression_steps, run
 from model import GPT, MoE, GPTConfig
 from routers import remoe_l1
 
@@ -119,14 +119,8 @@ def test_remoe_controller_reaches_and_holds_the_target_sparsity():
     teacher = nn.Sequential(nn.Linear(D, 64), nn.Tanh(), nn.Linear(64, D))
     with torch.no_grad():
         target = teacher(x)
-    opt = torch.optim.AdamW(moe.parameters(), lr=3e-3)
     sparsity, lam = [], [moe.router.lam.item()]
-    for _ in range(steps):
-        y, aux_loss, stats, _ = moe(x, None)
-        ((y - target).square().mean() + aux_loss).backward()
-        opt.step()
-        opt.zero_grad()
-        moe.router.update(stats['sparsity'], stats['load'])
+    for stats in regression_steps(moe, x, target, steps):
         sparsity.append(stats['sparsity'].item())
         lam.append(moe.router.lam.item())
     goal = 1 - K / E
@@ -157,15 +151,9 @@ def test_remoe_controller_recovers_from_above(floor):
         moe.router.w_g.weight -= 2 * mean / mean.square().sum()  # every logit lowered by 2
         for _ in range(600):
             moe.router.update(torch.tensor(0.99), None)
-    opt = torch.optim.AdamW(moe.parameters(), lr=3e-3)
     sparsity, alive = [], []
-    for _ in range(steps):
-        y, aux_loss, stats, _ = moe(x, None)
+    for stats in regression_steps(moe, x, target, steps):
         alive.append(int((stats['load'] > 0).sum()))
-        ((y - target).square().mean() + aux_loss).backward()
-        opt.step()
-        opt.zero_grad()
-        moe.router.update(stats['sparsity'], stats['load'])
         sparsity.append(stats['sparsity'].item())
     goal = 1 - K / E
     assert sparsity[0] > 0.95 and alive[0] == E - 3
