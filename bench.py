@@ -6,6 +6,7 @@ training of every config against configs/dense.py. Prints one table of ratios (m
     python bench.py --quick          # a one-minute subset for a 2-core CPU
     python bench.py --T=4096 --D=256 --Ek=8,2 --e2e=topk   # any slice of the grid
     python bench.py --T=512,4096 --Ek=8,2 --e2e=none --peer  # + the transformers Mixtral block
+    python bench.py --T=none --e2e=none --ckpts=out-dense,out-topk,out-remoe   # trained models' steps
 
 (a) Layer: x [N, D] -> top-k router -> experts, for each backend, eager and compiled (fullgraph),
     forward and forward+backward, against the dense FFN in the same mode. Iso-FLOP convention:
@@ -15,11 +16,16 @@ training of every config against configs/dense.py. Prints one table of ratios (m
     (autograd's saved tensors, weights included), which is what a training step has to hold.
 (b) Training: train.py in a subprocess with few iterations; tokens/s and MFU (active FLOPs) are the
     median of the logged iterations after the first two (which include compilation).
+(c) --ckpts: training steps of trained models, which a few iterations from scratch are not (ReMoE
+    only reaches its target sparsity, stage III, after hundreds of steps): each checkpoint's model,
+    compiled, on batches of its own dataset, with its routers' updates (lambda, bias) running, timed
+    step by step interleaved in one process; ratios against the first checkpoint.
 
 Legend: N tokens, E experts, K active, D model width, H hidden (dense: 4D, expert: 4D/K).
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -31,6 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from corpora import DataError
+from data import dataset_folder, get_batch, load_split
 from experts import Experts, swiglu
 
 REPO = Path(__file__).resolve().parent
@@ -216,6 +225,51 @@ def bench_train(configs, modes, args, device):
     return rows
 
 
+def load_runs(paths, device):
+    """{name: (checkpoint, train split)} for --ckpts, loaded up front so that a bad path fails before any timing."""
+    runs = {}
+    for path in paths:
+        path = Path(path) / 'ckpt.pt' if Path(path).is_dir() else Path(path)
+        ckpt = load_checkpoint(path, device)
+        cfg = ckpt.get('config')
+        if not cfg:
+            raise CheckpointError(f"{path} holds no training config (not written by train.py): pass a train.py run")
+        runs[path.parent.name] = ckpt, load_split(dataset_folder(cfg['dataset'], cfg['data_dir'],
+                                                                 tokenizer=cfg.get('tokenizer', '')), 'train')
+    return runs
+
+
+def bench_checkpoints(runs, args, device):
+    """(c): one row per checkpoint after the first, its compiled training step time against the first's,
+    with the experts each token used on average (ReMoE's sparsity: K at its target)."""
+    steps, active = {}, {}
+    for name, (ckpt, data) in runs.items():
+        cfg, gen = ckpt['config'], torch.Generator().manual_seed(0)
+        batches = itertools.cycle([get_batch(data, cfg['batch_size'], cfg['block_size'], gen, device)
+                                   for _ in range(8)])
+        model = model_from_checkpoint(ckpt).to(device).train()
+        optimizer = model.configure_optimizer(1e-4, 0.1, (0.9, 0.95))
+        step_fn = torch.compile(model, fullgraph=True)
+        per_token = []
+
+        def step(model=model, optimizer=optimizer, step_fn=step_fn, batches=batches, per_token=per_token):
+            _, loss, info = step_fn(*next(batches))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if 'load' in info:                                   # [L_moe, E]: what train.py feeds back
+                model.update_routers(info['load'].float())
+                per_token.append(info['load'].float().sum(-1).mean().item())
+            sync(device)
+        step()  # compile now, before any timing
+        steps[name], active[name] = step, per_token
+    t = time_interleaved(steps, args.reps, warmup=3)
+    ref = next(iter(t))
+    return [('train step', name, 'auto', 'compiled', f'{1e3 * sec:.1f} / {1e3 * t[ref]:.1f} ms', sec / t[ref],
+             f'{statistics.mean(active[name]):.2f} experts/token' if active[name] else '')
+            for name, sec in t.items() if name != ref]
+
+
 def print_table(rows, title):
     header = ('bench', 'shape / config', 'backend', 'mode', 'moe / dense', 'ratio', 'memory MB or MFU (moe / dense)')
     table = [header] + [(*r[:5], f'{r[5]:.2f}', r[6]) for r in rows]
@@ -230,7 +284,7 @@ def print_table(rows, title):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--quick', action='store_true', help='a one-minute subset (2-core CPU)')
-    p.add_argument('--T', default='512,4096', help='tokens per layer call, comma-separated')
+    p.add_argument('--T', default='512,4096', help="tokens per layer call, comma-separated; 'none' skips the layer")
     p.add_argument('--D', default='256,768')
     p.add_argument('--Ek', default='8,2;8,1;64,8', help='(E, K) pairs: "E,K;E,K"')
     p.add_argument('--backends', default='', help="default: loop,grouped (+ triton on CUDA)")
@@ -239,6 +293,8 @@ def main():
     p.add_argument('--uniform', action='store_true', help='forced-uniform routing (kernel speed without imbalance)')
     p.add_argument('--e2e', default='', help="configs to train against dense; default: the small ones; 'none' skips")
     p.add_argument('--iters', type=int, default=8, help='training iterations per end-to-end run')
+    p.add_argument('--ckpts', default='', help="run folders or checkpoints: time their training steps against "
+                                               "the first one's (compiled, interleaved)")
     p.add_argument('--peer', action='store_true',
                    help="add the transformers Mixtral block (its eager loop and grouped_mm) to the layer rows")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -249,6 +305,10 @@ def main():
         except ImportError:
             sys.exit("error: --peer needs the transformers package (pip install transformers); it is optional")
     device = torch.device(args.device)
+    try:
+        runs = load_runs(args.ckpts.split(','), device) if args.ckpts else {}
+    except (CheckpointError, DataError) as e:
+        sys.exit(f'error: {e}')
     dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     backends = ['loop', 'grouped'] + (['triton'] if device.type == 'cuda' else [])
     backends = args.backends.split(',') if args.backends else backends
@@ -258,7 +318,7 @@ def main():
     if args.e2e:
         configs = [] if args.e2e == 'none' else args.e2e.split(',')
     grid = [(int(T), int(D), *map(int, ek.split(','))) for T in args.T.split(',') for D in args.D.split(',')
-            for ek in args.Ek.split(';')]
+            for ek in args.Ek.split(';')] if args.T != 'none' else []
     if args.quick:  # the shape of the CPU targets, eager only, and one short training comparison
         grid, modes, args.reps, configs, args.iters = [(512, 256, 8, 2)], ['eager'], 3, ['topk'], 4
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
@@ -269,6 +329,7 @@ def main():
         rows += bench_layer(N, D, E, K, backends, modes, args, device, dtype)
         print(f'  done N{N} D{D} E{E} k{K}', file=sys.stderr)
     rows += bench_train(configs, modes, args, device) if configs else []
+    rows += bench_checkpoints(runs, args, device) if runs else []
     print_table(rows, 'ratio = MoE time / dense time at equal active FLOPs (< 1: MoE faster); '
                       'dense hidden 4D, expert hidden 4D/k')
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import routers
+import experts
 from experts import EXPERT_IMPLS, Experts, grouped_ffn, moe_ffn, resolve_impl, swiglu, swiglu_backward
 from model import GPT, GPTConfig
 
@@ -140,6 +141,32 @@ def test_every_gate_zero(impl):
     inputs, dy = make_inputs(6, 5, 3, 4, torch.zeros(6, 4, dtype=torch.bool))
     for t in run(impl, inputs, dy):
         assert (t == 0).all()
+
+
+
+@pytest.mark.parametrize('D,H', [(8, 4), (5, 3)])   # (5, 3): odd widths, grouped_mm's zero-padding
+@pytest.mark.parametrize('case', ['relu', 'empty_expert'])
+def test_grouped_mm_path_matches_cpu_expert_major_path(case, D, H):
+    # the grouped backend runs its experts two ways: expert by expert on CPU (the path every other
+    # test here takes without a GPU), and F.grouped_mm per weight on CUDA. grouped_mm also runs on a
+    # CPU, so the CUDA path's padding and bookkeeping are checked against the CPU path here
+    N, E = 11, 4
+    active = relu_mask(N, E, torch.Generator().manual_seed(3))
+    if case == 'empty_expert':
+        active[:, 1] = False
+    (x, gates, w_in, w_out), _ = make_inputs(N, D, H, E, active)
+    pairs, counts = experts.routed_pairs(gates.detach())
+    offs = counts.cumsum(0).to(torch.int32)
+    xs = x.detach()[pairs[1]]
+    w_in, w_out = w_in.detach(), w_out.detach()
+    do = torch.randn(xs.shape, generator=torch.Generator().manual_seed(4))
+    fwd = [experts._experts_forward(xs, w_in, w_out, offs, expert_major=m) for m in (True, False)]
+    for got, want in zip(*fwd):
+        torch.testing.assert_close(got, want, **TOL)
+    h = fwd[0][0]
+    bwd = [experts._experts_backward(do, xs, h, w_in, w_out, offs, expert_major=m) for m in (True, False)]
+    for name, got, want in zip(('dxs', 'dw_in', 'dw_out'), *bwd):
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
 
 # -----------------------------------------------------------------------------
 # the reference itself
