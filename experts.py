@@ -129,10 +129,11 @@ def _gmm_wgrad(a, b, offs):
     return F.grouped_mm(a.t(), b, offs=offs)[:, :Q, :P].contiguous()
 
 # On CPU, where grouped_mm is itself a loop over the experts, the loop is ours and runs expert-major:
-# each expert's whole FFN (forward: both matmuls and the SwiGLU between them; backward: all four
-# matmuls and the SwiGLU's gradient) before the next expert's, so the element-wise passes read an
-# [M_e, 2H] block that the matmul has just written and that is still in cache. Layer-major (one
-# matmul for every expert, then the SwiGLU over all M rows from memory) was 1.2-1.4x slower.
+# each expert's whole share (forward: gather its tokens, both matmuls, the SwiGLU between them, the
+# weighted scatter-add; backward: the same gathers, all four matmuls, the SwiGLU's gradient) before
+# the next expert's, so every element-wise pass reads an [M_e, *] block that the step before has
+# just written and that is still in cache, and no [M, D] copy of the tokens is ever made. Layer-major
+# (one matmul for every expert, then the SwiGLU over all M rows from memory) was up to 1.4x slower.
 
 
 def _expert_rows(offs):
@@ -140,39 +141,52 @@ def _expert_rows(offs):
     return offs.diff(prepend=offs.new_zeros(1)).tolist()
 
 
-def _experts_forward(xs, w_in, w_out, offs, expert_major):
-    """The E FFNs on the pair rows xs [M, D], sorted by expert -> h [M, 2H] (kept for the backward)
-    and o [M, D], the expert outputs before the gate. expert_major: the CPU loop, else grouped_mm."""
+def _experts_forward(x, token, g, w_in, w_out, offs, expert_major):
+    """The E FFNs on the pairs (token [M] sorted by expert, gate g [M]) of x [N, D] -> y [N, D], and
+    h [M, 2H] and o [M, D] (the expert outputs before the gate) for the backward.
+    expert_major: the CPU loop (see above), else F.grouped_mm per weight."""
     if not expert_major:
-        h = _gmm(xs, w_in, offs)
-        return h, _gmm(swiglu(h), w_out, offs)
-    h, o, rows = xs.new_empty(xs.size(0), w_in.size(2)), torch.empty_like(xs), _expert_rows(offs)
-    for x_e, h_e, o_e, w_in_e, w_out_e in zip(xs.split(rows), h.split(rows), o.split(rows),
-                                              w_in.unbind(0), w_out.unbind(0)):
-        torch.mm(x_e, w_in_e, out=h_e)                # written in place: no copy into h
-        torch.mm(swiglu(h_e), w_out_e, out=o_e)
-    return h, o
+        h = _gmm(x.index_select(0, token), w_in, offs)                       # [M, 2H]
+        o = _gmm(swiglu(h), w_out, offs)                                     # [M, D]
+        return x.new_zeros(x.shape).index_add_(0, token, o * g[:, None]), h, o
+    rows = _expert_rows(offs)
+    y, h, o = x.new_zeros(x.shape), x.new_empty(len(token), w_in.size(2)), x.new_empty(len(token), x.size(1))
+    for t_e, g_e, h_e, o_e, w_in_e, w_out_e in zip(token.split(rows), g.split(rows), h.split(rows), o.split(rows),
+                                                   w_in.unbind(0), w_out.unbind(0)):
+        torch.mm(x.index_select(0, t_e), w_in_e, out=h_e)                    # [M_e, 2H], in place in h
+        torch.mm(swiglu(h_e), w_out_e, out=o_e)                              # [M_e, D]
+        y.index_add_(0, t_e, o_e * g_e[:, None])    # a token meets an expert once: no clashes inside
+    return y, h, o
 
 
-def _experts_backward(do, xs, h, w_in, w_out, offs, expert_major):
-    """Given do [M, D], the gradient at the expert outputs, and the forward's xs and h: the gradients
-    dxs [M, D], dw_in [E, D, 2H] and dw_out [E, H, D]."""
+def _experts_backward(dy, x, token, g, h, o, w_in, w_out, offs, expert_major):
+    """Backward of _experts_forward for upstream dy [N, D]: dx [N, D], dg [M] (the gate of each pair),
+    dw_in [E, D, 2H], dw_out [E, H, D]. y_n = sum g * o, so dL/dg = <dy_n, o> and the expert output
+    receives g * dy_n."""
     H = w_out.size(1)
     if not expert_major:
+        dys = dy.index_select(0, token)                                      # [M, D]
+        dg = (dys * o).sum(1)                                                # [M]
+        do = dys.mul_(g[:, None])                                            # [M, D], in place
         s = F.silu(h[:, :H])                                                 # [M, H], reused by dh
-        dw_out = _gmm_wgrad(s * h[:, H:], do, offs)
+        dw_out = _gmm_wgrad(s * h[:, H:], do, offs)                          # [E, H, D]
         dh = swiglu_backward(_gmm(do, w_out.transpose(1, 2), offs), h, silu_gate=s)   # [M, 2H]
-        return _gmm(dh, w_in.transpose(1, 2), offs), _gmm_wgrad(xs, dh, offs), dw_out
-    dxs, dw_in, dw_out, rows = torch.empty_like(xs), torch.empty_like(w_in), torch.empty_like(w_out), _expert_rows(offs)
-    for x_e, h_e, do_e, dx_e, w_in_e, w_out_e, dw_in_e, dw_out_e in zip(
-            xs.split(rows), h.split(rows), do.split(rows), dxs.split(rows),
+        dx = x.new_zeros(x.shape).index_add_(0, token, _gmm(dh, w_in.transpose(1, 2), offs))
+        return dx, dg, _gmm_wgrad(x.index_select(0, token), dh, offs), dw_out
+    rows = _expert_rows(offs)
+    dx, dg, dw_in, dw_out = x.new_zeros(x.shape), g.new_empty(g.shape), torch.empty_like(w_in), torch.empty_like(w_out)
+    for t_e, g_e, dg_e, h_e, o_e, w_in_e, w_out_e, dw_in_e, dw_out_e in zip(
+            token.split(rows), g.split(rows), dg.split(rows), h.split(rows), o.split(rows),
             w_in.unbind(0), w_out.unbind(0), dw_in.unbind(0), dw_out.unbind(0)):
+        do_e = dy.index_select(0, t_e)                                       # [M_e, D]
+        torch.sum(do_e * o_e, 1, out=dg_e)
+        do_e.mul_(g_e[:, None])
         s = F.silu(h_e[:, :H])                                               # [M_e, H], reused by dh
         torch.mm((s * h_e[:, H:]).t(), do_e, out=dw_out_e)                   # no rows: [H, 0] @ [0, D] = 0
         dh = swiglu_backward(do_e @ w_out_e.t(), h_e, silu_gate=s)           # [M_e, 2H]
-        torch.mm(x_e.t(), dh, out=dw_in_e)
-        torch.mm(dh, w_in_e.t(), out=dx_e)
-    return dxs, dw_in, dw_out
+        torch.mm(x.index_select(0, t_e).t(), dh, out=dw_in_e)
+        dx.index_add_(0, t_e, dh @ w_in_e.t())
+    return dx, dg, dw_in, dw_out
 
 
 def routed_pairs(gates):
@@ -215,10 +229,9 @@ def grouped_ffn(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor
     pairs, counts = routed_pairs(gates)
     offs = counts.cumsum(0).to(torch.int32)                                  # [E]
     expert, token = pairs                                                    # [M], [M]
-    h, o = _experts_forward(x.index_select(0, token), w_in.to(x.dtype), w_out.to(x.dtype), offs,
-                            expert_major=x.device.type == 'cpu')             # [M, 2H], [M, D]
     g = gates.reshape(-1).index_select(0, flat_pairs(gates, expert, token)).to(x.dtype)  # [M]
-    y = x.new_zeros(x.shape).index_add_(0, token, o * g[:, None])            # [N, D]
+    y, h, o = _experts_forward(x, token, g, w_in.to(x.dtype), w_out.to(x.dtype), offs,
+                               expert_major=x.device.type == 'cpu')          # [N, D], [M, 2H], [M, D]
     return y, pairs, offs, h, o
 
 
@@ -240,13 +253,8 @@ def grouped_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_in: Tensor, w_o
     expert, token = pairs                                                    # [M], [M]
     flat = flat_pairs(gates, expert, token)                                  # [M]
     g = gates.reshape(-1).index_select(0, flat).to(x.dtype)                  # [M]
-    dys = dy.index_select(0, token)                                          # [M, D]
-    # y_n = sum g * o, so dL/dg = <dy_n, o> and the expert output receives g * dy_n
-    dg = (dys * o).sum(1)                                                    # [M]
-    do = dys.mul_(g[:, None])                                                # [M, D], in place
-    dxs, dw_in, dw_out = _experts_backward(do, x.index_select(0, token), h, w_in.to(x.dtype), w_out.to(x.dtype),
-                                           offs, expert_major=x.device.type == 'cpu')  # [M, D], [E, D, 2H], [E, H, D]
-    dx = x.new_zeros(x.shape).index_add_(0, token, dxs)                      # [N, D]
+    dx, dg, dw_in, dw_out = _experts_backward(dy, x, token, g, h, o, w_in.to(x.dtype), w_out.to(x.dtype), offs,
+                                              expert_major=x.device.type == 'cpu')
     dgates = gates.new_zeros(gates.numel()).index_copy_(0, flat, dg.to(gates.dtype)).view(gates.shape)  # [N, E]
     return dx, dgates, dw_in.to(w_in.dtype), dw_out.to(w_out.dtype)
 

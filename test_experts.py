@@ -154,18 +154,16 @@ def test_grouped_mm_path_matches_cpu_expert_major_path(case, D, H):
     active = relu_mask(N, E, torch.Generator().manual_seed(3))
     if case == 'empty_expert':
         active[:, 1] = False
-    (x, gates, w_in, w_out), _ = make_inputs(N, D, H, E, active)
-    pairs, counts = experts.routed_pairs(gates.detach())
-    offs = counts.cumsum(0).to(torch.int32)
-    xs = x.detach()[pairs[1]]
-    w_in, w_out = w_in.detach(), w_out.detach()
-    do = torch.randn(xs.shape, generator=torch.Generator().manual_seed(4))
-    fwd = [experts._experts_forward(xs, w_in, w_out, offs, expert_major=m) for m in (True, False)]
-    for got, want in zip(*fwd):
-        torch.testing.assert_close(got, want, **TOL)
-    h = fwd[0][0]
-    bwd = [experts._experts_backward(do, xs, h, w_in, w_out, offs, expert_major=m) for m in (True, False)]
-    for name, got, want in zip(('dxs', 'dw_in', 'dw_out'), *bwd):
+    (x, gates, w_in, w_out), dy = make_inputs(N, D, H, E, active)
+    x, gates, w_in, w_out = x.detach(), gates.detach(), w_in.detach(), w_out.detach()
+    (expert, token), counts = experts.routed_pairs(gates)
+    offs, g = counts.cumsum(0).to(torch.int32), gates[token, expert]
+    fwd = [experts._experts_forward(x, token, g, w_in, w_out, offs, expert_major=m) for m in (True, False)]
+    for name, got, want in zip(('y', 'h', 'o'), *fwd):
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
+    _, h, o = fwd[0]
+    bwd = [experts._experts_backward(dy, x, token, g, h, o, w_in, w_out, offs, expert_major=m) for m in (True, False)]
+    for name, got, want in zip(('dx', 'dg', 'dw_in', 'dw_out'), *bwd):
         torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
 
 # -----------------------------------------------------------------------------
