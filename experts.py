@@ -108,7 +108,7 @@ def _pad_last(t, n):
 
 
 def _gmm(a, b, offs):
-    """Per expert e: a[rows of e] @ b[e], with F.grouped_mm (CUDA; the CPU path is _cpu_experts*).
+    """Per expert e: a[rows of e] @ b[e], with F.grouped_mm (CUDA; CPU runs the expert-major loop below).
     a [M, Q] rows sorted by expert, b [E, Q, P], offs [E] int32 end row of each expert -> [M, P]."""
     # grouped_mm wants every row stride to be a multiple of 16 bytes (4 fp32, 8 bf16), so odd
     # widths are zero-padded: padding the summed dim Q adds zeros, padded P columns are dropped.
@@ -189,7 +189,8 @@ def _experts_backward(dy, x, token, g, h, o, w_in, w_out, offs, expert_major):
         s = F.silu(hg_e)                                                     # [M_e, H], reused by dh
         torch.mm((s * hu_e).t(), do_e, out=dw_out_e)                         # no rows: [H, 0] @ [0, D] = 0
         da = do_e @ w_out_t                                                  # [M_e, H]
-        # swiglu_backward, written into this expert's rows of dh
+        # swiglu_backward's two lines, on the views of dh cut before the loop (calling it would add a
+        # chunk, an allocation and two slices per expert)
         torch.ops.aten.silu_backward.grad_input(da * hu_e, hg_e, grad_input=dhg_e)
         torch.mul(da, s, out=dhu_e)
         torch.mm(x.index_select(0, t_e).t(), dh_e, out=dw_in_e)
