@@ -86,9 +86,9 @@ def model_args(config):
 # (router_renorm and capacity_factor with remoe: GPTConfig.validate says why)
 SOFTMAX_ONLY = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction', 'balance', 'bias_update_rate')
 REMOE_ONLY = ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
-MOE_ONLY = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'expert_impl', 'expert_granularity',
-            'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', 'n_shared_expert', *SOFTMAX_ONLY,
-            *REMOE_ONLY)
+MOE_ONLY = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'rmoe_flow', 'rmoe_init', 'expert_impl',
+            'expert_granularity', 'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', 'n_shared_expert',
+            *SOFTMAX_ONLY, *REMOE_ONLY)
 
 
 def ignored_options(c):
@@ -99,7 +99,7 @@ def ignored_options(c):
         ignored = {key: f"with router={c['router']!r}" for key in (SOFTMAX_ONLY if c['router'] == 'remoe'
                                                                    else REMOE_ONLY)}
         if not c['recurrent_router']:
-            ignored['rmoe_dim'] = 'without recurrent_router=True'
+            ignored.update({key: 'without recurrent_router=True' for key in ('rmoe_dim', 'rmoe_flow', 'rmoe_init')})
         if c['router'] != 'remoe' and c['balance'] != 'aux':
             ignored['aux_loss_coef'] = f"with balance={c['balance']!r} (only 'aux' has the Switch loss)"
         if c['router'] != 'remoe' and c['balance'] != 'bias':

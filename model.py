@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experts import Experts, check_impl, swiglu
-from routers import BALANCES, ROUTERS, log_record, make_router
+from routers import BALANCES, RMOE_FLOWS, RMOE_INITS, ROUTERS, Router, log_record, make_router
 
 
 @dataclass
@@ -39,6 +39,8 @@ class GPTConfig:
     router: str = 'topk'  # how logits become gates: 'topk', 'remoe', 'prototype'
     recurrent_router: bool = False  # RMoE: logits from a GRU shared across layers
     rmoe_dim: int = 128  # RMoE: width p of the projector and of the GRU state
+    rmoe_flow: str = 'pass'  # RMoE Table 5: 'pass' (RMoE), 'detach' (h_{i-1} detached), 'none' (NP: h_0 everywhere)
+    rmoe_init: str = 'normal'  # RMoE: 'normal' (init_std, no biases) or 'torch' (PyTorch's own, biases: the paper's code)
     expert_impl: str = 'auto'  # 'loop' (reference), 'grouped', 'auto'
     expert_granularity: int = 1  # G: E*G experts of hidden H/G, K*G active (same parameters)
     n_shared_expert: int = 0  # always-on experts per MoE layer beside the routed ones (DeepSeekMoE), each of hidden H/G
@@ -130,6 +132,10 @@ class GPTConfig:
                              f"n_expert={self.n_expert}")
         if self.recurrent_router and self.rmoe_dim < 1:
             raise ValueError(f"rmoe_dim={self.rmoe_dim} must be a positive integer")
+        if self.rmoe_flow not in RMOE_FLOWS:
+            raise ValueError(f"rmoe_flow={self.rmoe_flow!r} is not one of {', '.join(RMOE_FLOWS)}")
+        if self.rmoe_init not in RMOE_INITS:
+            raise ValueError(f"rmoe_init={self.rmoe_init!r} is not one of {', '.join(RMOE_INITS)}")
 
 
 def rope_tables(head_size, block_size, theta):
@@ -241,11 +247,17 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
-        elif isinstance(module, nn.GRUCell):  # RMoE's runs use the standard init, std 0.02
+        elif isinstance(module, nn.GRUCell) and self.config.rmoe_init == 'torch':
+            module.reset_parameters()  # PyTorch's U(±1/sqrt(p)), weights and biases (RMoE's enwik8 runs)
+        elif isinstance(module, nn.GRUCell):  # RMoE's Megatron runs: the standard init, std 0.02
             nn.init.normal_(module.weight_ih, mean=0.0, std=self.config.init_std)
             nn.init.normal_(module.weight_hh, mean=0.0, std=self.config.init_std)
             nn.init.zeros_(module.bias_ih)
             nn.init.zeros_(module.bias_hh)
+        elif isinstance(module, Router) and module.gru is not None and self.config.rmoe_init == 'torch':
+            # apply() visits children first: this undoes the normal init just given to its two linears
+            module.proj.reset_parameters()  # U(±1/sqrt(fan_in)), weight and bias
+            module.w_g.reset_parameters()
 
     def num_params(self, active=False):
         """Parameter count; the tied embedding counts once (it is the output head's matmul).

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 ROUTERS = ('topk', 'remoe', 'prototype')
 BALANCES = ('aux', 'bias', 'none')  # how topk and prototype balance their load
+RMOE_FLOWS = ('pass', 'detach', 'none')  # RMoE Table 5: what of h_{i-1} reaches layer i (Router.logits)
+RMOE_INITS = ('normal', 'torch')  # the recurrent router's init (GPT._init_weights)
 
 
 def switch_balance_loss(probs, gates, top_k):
@@ -75,17 +77,32 @@ def capacity_keep(picks, n_expert, capacity):
     return ((slot * choices).sum(-1) <= capacity).t()  # the slot each pick took, [N, R]
 
 
-def routing_stats(gates, probs=None):
-    """Routing health, logged next to the loss. All tensors, so the model compiles in one graph."""
+def routing_stats(gates, probs=None, logits=None):
+    """Routing health, logged next to the loss. All tensors, so the model compiles in one graph.
+    gates: as the router made them (after renormalisation, before capacity drops); probs: the
+    softmax routers' probabilities ([N, E], or [N, K, m] per prototype group); logits [N, E]."""
     active = (gates > 0).float()  # [N, E]
+    softmax = probs is not None
     if probs is None:  # ReLU routing has no probabilities: use each token's normalised gates
         probs = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
-    return {
+    stats = {
         'load': active.mean(0),  # [E] fraction of tokens that use each expert
         'active': active.sum(-1).mean(),  # mean experts per token
         'sparsity': 1 - active.mean(),  # fraction of zero gates (ReMoE eq. 8, one layer)
         'entropy': -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean(),  # nats; log(E) is uniform
+        'gate_sum': gates.sum(-1).mean(),  # the scale of the MoE output: 1 under renormalisation
     }
+    if logits is not None:  # the router's gain: softmax(z) is near uniform while this is << 1
+        stats['logit_std'] = logits.float().std(-1).mean()  # over each token's experts, mean over tokens
+    if softmax:
+        # RMoE Table 8: outer balance OB = the probability mass of the kept experts (before any
+        # renormalisation), inner balance IB = the median over tokens of top-1 / top-2 probability
+        # (prototype: the sum of the K groups' kept probabilities, up to K)
+        stats['kept_prob'] = (probs * active.view_as(probs)).flatten(1).sum(-1).mean()
+        if probs.size(-1) > 1:
+            top2 = probs.topk(2, dim=-1).values  # [..., 2]
+            stats['top1_top2'] = (top2[..., 0] / top2[..., 1].clamp_min(1e-12)).flatten().median()
+    return stats
 
 
 def log_record(info):
@@ -102,6 +119,10 @@ def log_record(info):
         'load': [r(layer) for layer in load],
         'active_experts': r(info['active'].float()),
         'router_entropy': r(info['entropy'].float()),
+        'gate_sum': r(info['gate_sum'].float()),  # mean sum of a token's gates: the MoE output's scale
+        **{name: r(info[key].float()) for name, key in (('router_logit_std', 'logit_std'),
+                                                        ('kept_prob', 'kept_prob'), ('top1_top2', 'top1_top2'))
+           if key in info},  # RMoE Table 8's OB (kept_prob) and IB (top1_top2), softmax routers only
         'dropped': r(info['dropped'].float()),
         **({'bias_spread': r(info['bias_spread'].float()), 'bias': [r(layer) for layer in info['bias'].float()]}
            if 'bias' in info else {}),  # balance='bias': each layer's bias (max - min) and values
@@ -127,9 +148,12 @@ class Router(nn.Module):
             self.register_buffer('bias', torch.zeros(self.n_expert, dtype=torch.float32))
             self.bias_update_rate = config.bias_update_rate
         if config.recurrent_router:  # RMoE eq. 4-6
-            self.proj = nn.Linear(config.n_embd, config.rmoe_dim, bias=False)  # per layer: D -> p
+            # rmoe_init='torch' is the paper's enwik8 code: PyTorch's own init and biases on both linears
+            bias = config.rmoe_init == 'torch'
+            self.proj = nn.Linear(config.n_embd, config.rmoe_dim, bias=bias)  # per layer: D -> p
             self.gru = gru  # ONE GRU cell shared by all layers (the same module object in each)
-            self.w_g = nn.Linear(config.rmoe_dim, self.n_expert, bias=False)  # per layer: p -> E
+            self.w_g = nn.Linear(config.rmoe_dim, self.n_expert, bias=bias)  # per layer: p -> E
+            self.flow = config.rmoe_flow
         else:
             self.gru = None
             self.w_g = nn.Linear(config.n_embd, self.n_expert, bias=False)
@@ -143,8 +167,12 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(self.w_g.weight.dtype)
             if self.gru is not None:
-                # RMoE eq. 5: h_i = GRU(Proj_i(x_i), h_{i-1}), h_0 = 0 (state None). Never detached:
-                # later layers' routing losses train earlier layers' projectors (the "recurrent gradient")
+                # RMoE eq. 5: h_i = GRU(Proj_i(x_i), h_{i-1}), h_0 = 0 (state None). rmoe_flow='pass' (RMoE):
+                # never detached, so later layers' routing losses train earlier layers' projectors (the
+                # "recurrent gradient"). RMoE Table 5's ablations: 'detach' passes h_{i-1} forward without
+                # that gradient; 'none' ("NP") starts every layer from h_0 = 0: a stateless GRU.
+                if state is not None and self.flow != 'pass':
+                    state = state.detach() if self.flow == 'detach' else None
                 state = self.gru(self.proj(x), state)  # [N, p]
                 x = state
             logits = self.w_g(x)
@@ -235,7 +263,7 @@ class TopKRouter(Router):
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(1, top_i, top_p)  # [N, E], K non-zeros per row
         aux_loss = self.balance_loss(switch_balance_loss(probs, gates, self.top_k))
-        stats = routing_stats(gates, probs)
+        stats = routing_stats(gates, probs, logits)
         self.add_bias_stats(stats)
         gates = self.drop_overflow(gates, top_i, top_p, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
@@ -267,7 +295,7 @@ class ReMoERouter(Router):
         logits, state = self.logits(x, state)  # [N, E]
         gates = F.relu(logits)  # ReMoE eq. 5
         aux_loss = self.lam * self.l1_scale * remoe_l1(gates, self.top_k)  # eq. 6 and 10
-        stats = routing_stats(gates)
+        stats = routing_stats(gates, logits=logits)
         stats['dropped'] = gates.new_zeros(())  # ReLU routing is dropless
         return gates.to(x.dtype), aux_loss, stats, state
 
@@ -305,7 +333,7 @@ class PrototypeRouter(Router):
         # the Switch loss inside each group (minimum 1 per group, K in all)
         group_gates = gates.view(N, K, m)
         aux_loss = self.balance_loss(sum(switch_balance_loss(probs[:, j], group_gates[:, j], 1) for j in range(K)))
-        stats = routing_stats(gates, probs)
+        stats = routing_stats(gates, probs, logits)
         self.add_bias_stats(stats)
         # groups own disjoint experts, so their capacities never interact
         gates = self.drop_overflow(gates, expert, top_p, stats)
