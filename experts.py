@@ -18,10 +18,12 @@ Backends (all compute the same function, selected by the expert_impl string):
              each expert's whole FFN while its rows are in cache), weighted scatter-add back.
              Wrapped as torch.library custom ops so torch.compile(fullgraph=True) sees no
              data-dependent shapes.
-    triton:  kernels.py: the GEMMs gather token rows inside the kernel (no permuted copy of x),
-             the gate is applied in the GEMM's epilogue and each token's rows are summed in a
-             fixed order (deterministic, no atomics). Same custom-op shape as grouped. CUDA only,
-             or CPU under TRITON_INTERPRET=1 (the tests).
+    triton:  the kernels of kernels.py: the GEMMs gather token rows inside the kernel (no permuted
+             copy of x), the gate is applied in the GEMM's epilogue and each token's rows are
+             summed in a fixed order (deterministic, no atomics). Registered here as custom ops of
+             the same shape as grouped's. CUDA only, or CPU under TRITON_INTERPRET=1 (the tests).
+
+experts.py imports kernels.py (lazily, at the triton backend's first call), never the reverse.
 """
 
 import importlib.util
@@ -281,6 +283,84 @@ def _(dy, x, gates, w_in, w_out, pairs, offs, h, o):
 register_ffn_autograd(grouped_ffn, grouped_ffn_backward)
 
 # -----------------------------------------------------------------------------
+# triton: kernels.py's launchers (their plan is in its docstring), as registered custom ops
+
+
+def _kernels():
+    """kernels.py, imported on first use: it needs triton, and TRITON_INTERPRET must be set before
+    its import; a machine without triton never gets here (resolve_impl says why)."""
+    import kernels
+    return kernels
+
+
+def triton_routing(gates):
+    """Index lists for the active pairs. pairs [2, M]: expert ids and token ids, by expert then token
+    (routed_pairs); ends [E] one past each expert's last pair; order [M] the pair ids sorted by
+    token, then expert; starts [N + 1] the offsets of each token's pairs in order."""
+    N = gates.size(0)
+    pairs, counts = routed_pairs(gates)
+    ends = counts.cumsum(0)
+    order = torch.argsort(pairs[1], stable=True)     # stable: a token's pairs stay in expert order
+    starts = F.pad(torch.bincount(pairs[1], minlength=N).cumsum(0), (1, 0))
+    return pairs, ends, order, starts
+
+
+@torch.library.custom_op('moe::triton_ffn', mutates_args=())
+def triton_ffn(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the triton backend; computes in x's dtype, accumulates in fp32.
+    in:  x [N, D], gates [N, E] (zero = inactive), w_in [E, D, 2H], w_out [E, H, D]
+    out: y [N, D], and for the backward: pairs [2, M], ends [E], order [M], starts [N + 1]
+         (see triton_routing) and the pre-activation h [M, 2H]."""
+    k = _kernels()
+    pairs, ends, order, starts = triton_routing(gates)
+    expert, token = pairs.unbind(0)
+    g = gates[token, expert].float()                                     # [M]
+    h = k.grouped_gemm(x, token, w_in, ends)                             # [M, 2H]
+    o = k.grouped_gemm(swiglu(h), torch.arange(len(token), device=x.device), w_out, ends, g)  # [M, D]
+    return k.combine(o, order, starts, x.size(0)), pairs, ends, order, starts, h
+
+
+@triton_ffn.register_fake
+def _(x, gates, w_in, w_out):
+    M = torch.library.get_ctx().new_dynamic_size()  # data-dependent: no guard, no recompilation
+    N, E = gates.shape
+    long = dict(dtype=torch.long)
+    return (x.new_empty(x.shape), x.new_empty(2, M, **long), x.new_empty(E, **long), x.new_empty(M, **long),
+            x.new_empty(N + 1, **long), x.new_empty(M, w_in.size(2)))
+
+
+@torch.library.custom_op('moe::triton_ffn_backward', mutates_args=())
+def triton_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor, pairs: Tensor,
+                        ends: Tensor, order: Tensor, starts: Tensor, h: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of moe::triton_ffn. Returns dx [N, D], dgates [N, E] (zero on inactive entries),
+    dw_in [E, D, 2H] and dw_out [E, H, D] in the dtypes of x, gates, w_in and w_out."""
+    k = _kernels()
+    expert, token = pairs.unbind(0)
+    E, M = w_in.size(0), len(token)
+    rows = torch.arange(M, device=x.device)                              # identity: already pair rows
+    g = gates[token, expert].float()                                     # [M]
+    a = swiglu(h)                                                        # [M, H] recomputed, not saved
+    da_raw = k.grouped_gemm(dy, token, w_out.transpose(1, 2), ends)      # [M, H] = dy_n @ w_out[e]^T
+    dg = (da_raw.float() * a.float()).sum(1)                             # [M] = <dy_n, a @ w_out[e]>
+    da = da_raw * g[:, None].to(da_raw.dtype)                            # [M, H]
+    dh = swiglu_backward(da, h)                                          # [M, 2H]
+    dw_out = k.grouped_wgrad(a, rows, dy, token, ends, E, scale=g, out_dtype=w_out.dtype)   # [E, H, D]
+    dw_in = k.grouped_wgrad(x, token, dh, rows, ends, E, out_dtype=w_in.dtype)              # [E, D, 2H]
+    dx = k.combine(k.grouped_gemm(dh, rows, w_in.transpose(1, 2), ends), order, starts, x.size(0))  # [N, D]
+    dgates = gates.new_zeros(gates.shape).index_put_((token, expert), dg.to(gates.dtype))        # [N, E]
+    return dx, dgates, dw_in, dw_out
+
+
+@triton_ffn_backward.register_fake
+def _(dy, x, gates, w_in, w_out, pairs, ends, order, starts, h):
+    return x.new_empty(x.shape), gates.new_empty(gates.shape), w_in.new_empty(w_in.shape), w_out.new_empty(w_out.shape)
+
+
+register_ffn_autograd(triton_ffn, triton_ffn_backward)
+
+# -----------------------------------------------------------------------------
 
 
 def moe_ffn(x, gates, w_in, w_out, impl: str):
@@ -288,21 +368,14 @@ def moe_ffn(x, gates, w_in, w_out, impl: str):
     impl is a resolved backend name ('loop', 'grouped' or 'triton'), see resolve_impl."""
     if impl == 'loop':
         return _loop_ffn(x, gates, w_in, w_out)
-    if impl == 'grouped':
+    if impl in ('grouped', 'triton'):
         # Why a custom op: the pair count M depends on the routing, and torch.compile can't trace
         # grouped_mm's fp32 fake kernel (its meta accepts bf16 only) nor take new shapes every step
         # without recompiling. Hidden inside one op with a static [N, D] output, the model compiles
         # once with fullgraph=True. Autocast does not reach inside custom ops, so apply it here.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return grouped_ffn(x, gates, w_in, w_out)[0]
-    if impl == 'triton':
-        # imported on first use: kernels.py needs triton, and TRITON_INTERPRET must be set before
-        # its import; a machine without triton never gets here (resolve_impl says why)
-        import kernels
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return kernels.triton_ffn(x, gates, w_in, w_out)[0]
+        return (grouped_ffn if impl == 'grouped' else triton_ffn)(x, gates, w_in, w_out)[0]
     raise ValueError(f"moe_ffn impl={impl!r} is not a resolved backend (loop, grouped, triton)")
 
 

@@ -1,13 +1,16 @@
 """
 Triton kernels for the expert FFN over routed tokens, scatter-style (ScatterMoE, arXiv 2403.08245),
-registered with torch.library so that torch.compile(fullgraph=True) traces the model without a break.
+and their launchers: tensors in, tensors out. This module imports only torch and triton; the
+torch.library ops that run these launchers as the triton backend, with autograd, so that
+torch.compile(fullgraph=True) traces the model without a break, are in experts.py.
 
 Shape legend, as in experts.py: N tokens, E experts, K active per token, D model width, H expert
 hidden, M active (token, expert) pairs. The GEMM helpers are generic: [M, Q] @ [E, Q, P] -> [M, P].
 
 The pairs are listed by expert (then token), so each expert owns one contiguous run of "pair rows".
 Nothing is ever copied into that order: the GEMM kernels read the token rows of x (or dy) through
-the pair -> token index, and the combine sums a token's rows back in a fixed order, so
+the pair -> token index, and the combine sums a token's rows back in a fixed order. The triton
+backend (experts.triton_ffn and its backward) composes them as
 
     forward:   h   = x[token] @ w_in[e]              grouped_gemm, gathers x rows in the kernel
                a   = swiglu(h)                        torch, elementwise
@@ -28,12 +31,8 @@ decorates); the kernels then run on CPU tensors, slowly, which is what the tests
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import Tensor
-
-from experts import register_ffn_autograd, routed_pairs, swiglu, swiglu_backward
 
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 _UPCAST_DOT = tl.constexpr(INTERPRET)  # see _dot
@@ -250,72 +249,3 @@ def combine(rows, order, starts, N):
     _combine_kernel[grid](rows, rows.stride(0), rows.stride(1), order, starts,
                           y, y.stride(0), y.stride(1), D)
     return y
-
-# -----------------------------------------------------------------------------
-# the expert FFN as torch.library ops
-
-
-def _routing(gates):
-    """Index lists for the active pairs. pairs [2, M]: expert ids and token ids, by expert then token
-    (experts.routed_pairs); ends [E] one past each expert's last pair; order [M] the pair ids sorted
-    by token, then expert; starts [N + 1] the offsets of each token's pairs in order."""
-    N = gates.size(0)
-    pairs, counts = routed_pairs(gates)
-    ends = counts.cumsum(0)
-    order = torch.argsort(pairs[1], stable=True)     # stable: a token's pairs stay in expert order
-    starts = F.pad(torch.bincount(pairs[1], minlength=N).cumsum(0), (1, 0))
-    return pairs, ends, order, starts
-
-
-@torch.library.custom_op('moe::triton_ffn', mutates_args=())
-def triton_ffn(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward of the triton backend; computes in x's dtype, accumulates in fp32.
-    in:  x [N, D], gates [N, E] (zero = inactive), w_in [E, D, 2H], w_out [E, H, D]
-    out: y [N, D], and for the backward: pairs [2, M], ends [E], order [M], starts [N + 1]
-         (see _routing) and the pre-activation h [M, 2H]."""
-    pairs, ends, order, starts = _routing(gates)
-    expert, token = pairs.unbind(0)
-    g = gates[token, expert].float()                                     # [M]
-    h = grouped_gemm(x, token, w_in, ends)                               # [M, 2H]
-    o = grouped_gemm(swiglu(h), torch.arange(len(token), device=x.device), w_out, ends, g)  # [M, D]
-    return combine(o, order, starts, x.size(0)), pairs, ends, order, starts, h
-
-
-@triton_ffn.register_fake
-def _(x, gates, w_in, w_out):
-    M = torch.library.get_ctx().new_dynamic_size()  # data-dependent: no guard, no recompilation
-    N, E = gates.shape
-    long = dict(dtype=torch.long)
-    return (x.new_empty(x.shape), x.new_empty(2, M, **long), x.new_empty(E, **long), x.new_empty(M, **long),
-            x.new_empty(N + 1, **long), x.new_empty(M, w_in.size(2)))
-
-
-@torch.library.custom_op('moe::triton_ffn_backward', mutates_args=())
-def triton_ffn_backward(dy: Tensor, x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor, pairs: Tensor,
-                        ends: Tensor, order: Tensor, starts: Tensor, h: Tensor
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Backward of moe::triton_ffn. Returns dx [N, D], dgates [N, E] (zero on inactive entries),
-    dw_in [E, D, 2H] and dw_out [E, H, D] in the dtypes of x, gates, w_in and w_out."""
-    expert, token = pairs.unbind(0)
-    E, M = w_in.size(0), len(token)
-    rows = torch.arange(M, device=x.device)                              # identity: already pair rows
-    g = gates[token, expert].float()                                     # [M]
-    a = swiglu(h)                                                        # [M, H] recomputed, not saved
-    da_raw = grouped_gemm(dy, token, w_out.transpose(1, 2), ends)        # [M, H] = dy_n @ w_out[e]^T
-    dg = (da_raw.float() * a.float()).sum(1)                             # [M] = <dy_n, a @ w_out[e]>
-    da = da_raw * g[:, None].to(da_raw.dtype)                            # [M, H]
-    dh = swiglu_backward(da, h)                                          # [M, 2H]
-    dw_out = grouped_wgrad(a, rows, dy, token, ends, E, scale=g, out_dtype=w_out.dtype)   # [E, H, D]
-    dw_in = grouped_wgrad(x, token, dh, rows, ends, E, out_dtype=w_in.dtype)              # [E, D, 2H]
-    dx = combine(grouped_gemm(dh, rows, w_in.transpose(1, 2), ends), order, starts, x.size(0))  # [N, D]
-    dgates = gates.new_zeros(gates.shape).index_put_((token, expert), dg.to(gates.dtype))      # [N, E]
-    return dx, dgates, dw_in, dw_out
-
-
-@triton_ffn_backward.register_fake
-def _(dy, x, gates, w_in, w_out, pairs, ends, order, starts, h):
-    return x.new_empty(x.shape), gates.new_empty(gates.shape), w_in.new_empty(w_in.shape), w_out.new_empty(w_out.shape)
-
-
-register_ffn_autograd(triton_ffn, triton_ffn_backward)

@@ -1,8 +1,8 @@
 """
 Tests for kernels.py, launcher by launcher, against plain torch: the grouped GEMM with its in-kernel
 gather and gate epilogue, the per-expert weight gradient, the deterministic combine, and the two
-registered ops (schema, fake, autograd, a fullgraph trace). The whole triton backend against the
-loop reference, forward and every gradient, is in test_experts.py.
+ops experts.py registers over them (schema, fake, autograd, a fullgraph trace). The whole triton
+backend against the loop reference, forward and every gradient, is in test_experts.py.
 
 Without a GPU the kernels run under Triton's interpreter, which must be switched on before kernels.py
 is imported. It runs every program of a launch in Python, so the shapes here stay small.
@@ -18,6 +18,7 @@ pytest.importorskip('triton')  # not installable on macOS: nothing to test there
 
 from hypothesis import given, settings, strategies as st
 
+import experts
 import kernels
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -25,11 +26,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def routed(N, E, p, seed):
-    """Random gates [N, E] with about a fraction p active, and kernels._routing's index lists."""
+    """Random gates [N, E] with about a fraction p active, and experts.triton_routing's index lists."""
     gen = torch.Generator().manual_seed(seed)
     gates = (0.1 + torch.rand(N, E, generator=gen)) * (torch.rand(N, E, generator=gen) < p)
     gates = gates.to(DEVICE)
-    return gates, *kernels._routing(gates)
+    return gates, *experts.triton_routing(gates)
 
 
 def expert_of_row(ends, M):
@@ -76,7 +77,7 @@ def test_combine_is_deterministic_and_exact_for_empty_tokens():
     N, E, D = 9, 6, 20
     gates, *_ = routed(N, E, 0.5, 0)
     gates[4] = 0                                             # a token with no expert (ReLU routing)
-    (expert, token), ends, order, starts = kernels._routing(gates)
+    (expert, token), ends, order, starts = experts.triton_routing(gates)
     rows = torch.randn(len(token), D, device=DEVICE)
     y = kernels.combine(rows, order, starts, N)
     # each token's rows summed one by one in expert order, as the kernel does: bitwise equal
@@ -92,7 +93,7 @@ def test_no_pairs_at_all():
     N, E, D, H = 5, 3, 4, 2
     x = torch.randn(N, D, device=DEVICE)
     w_in, w_out = torch.randn(E, D, 2 * H, device=DEVICE), torch.randn(E, H, D, device=DEVICE)
-    y, *_ = kernels.triton_ffn(x, torch.zeros(N, E, device=DEVICE), w_in, w_out)
+    y, *_ = experts.triton_ffn(x, torch.zeros(N, E, device=DEVICE), w_in, w_out)
     assert (y == 0).all()
 
 
@@ -100,7 +101,7 @@ def test_routing_index_lists():
     gates = torch.tensor([[0.0, 0.5, 0.2],
                           [0.0, 0.0, 0.0],
                           [0.3, 0.0, 0.7]])
-    pairs, ends, order, starts = kernels._routing(gates)
+    pairs, ends, order, starts = experts.triton_routing(gates)
     assert pairs.tolist() == [[0, 1, 2, 2], [2, 0, 0, 2]]    # (expert, token), by expert
     assert ends.tolist() == [1, 2, 4]
     assert order.tolist() == [1, 2, 0, 3]                    # token 0: experts 1, 2; token 2: 0, 2
@@ -118,7 +119,7 @@ def make_op_inputs(N=7, D=6, H=3, E=4, seed=0):
 
 def test_op_registration():
     # schema, fake kernel and autograd registration, checked by torch itself
-    torch.library.opcheck(kernels.triton_ffn, make_op_inputs())
+    torch.library.opcheck(experts.triton_ffn, make_op_inputs())
 
 
 def test_traces_fullgraph_without_recompiling():
@@ -131,7 +132,7 @@ def test_traces_fullgraph_without_recompiling():
         return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
 
     def loss_fn(x, gates, w_in, w_out):
-        return (kernels.triton_ffn(x, gates, w_in, w_out)[0] ** 2).sum()
+        return (experts.triton_ffn(x, gates, w_in, w_out)[0] ** 2).sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True, backend=counting_backend)
