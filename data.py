@@ -120,14 +120,30 @@ def _write_atomic(path, data):
 
 
 def _up_to_date(folder, fingerprint):
+    # True (and said in one line) when folder holds complete data with this fingerprint
     try:
         with open(os.path.join(folder, 'meta.json')) as f:
             meta = json.load(f)
         sizes = [os.path.getsize(os.path.join(folder, f'{s}.bin')) for s in ('train', 'val')]
     except (OSError, ValueError):
-        return None
+        return False
     expected = [2 * meta.get(f'{s}_tokens', -1) for s in ('train', 'val')]  # uint16: 2 bytes a token
-    return meta if meta.get('fingerprint') == fingerprint and sizes == expected else None
+    if meta.get('fingerprint') != fingerprint or sizes != expected:
+        return False
+    print(f"{folder} is up to date: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens")
+    return True
+
+
+def _start(folder):
+    # meta.json is removed first and written last (_write_meta), so an interrupted preparation
+    # is redone next time
+    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(os.path.join(folder, 'meta.json')):
+        os.remove(os.path.join(folder, 'meta.json'))
+
+
+def _write_meta(folder, meta):
+    _write_atomic(os.path.join(folder, 'meta.json'), json.dumps(meta, indent=1).encode())
 
 
 def _documents(dataset, data_dir, files):
@@ -142,17 +158,15 @@ def _documents(dataset, data_dir, files):
 def prepare(dataset='shakespeare', data_dir='data', files='', hf_name=HF_NAME, hf_files='',
             hf_split='train', hf_text_key='text', max_tokens=2_000_000_000, val_tokens=None, tokenizer=''):
     """Tokenize `dataset` into dataset_folder(...)/{train,val}.bin + meta.json; return that folder.
-    files: textfiles only. hf_*, max_tokens, val_tokens: web only (see web.py).
+    files: textfiles only. hf_*, max_tokens, val_tokens: web only (see _prepare_web).
     tokenizer: '' for the dataset's own (DATASETS), or 'gpt2' / 'bytes' where it has a choice."""
     tokenizer = resolve_tokenizer(dataset, tokenizer)
     if dataset == 'web':  # a different path: streamed from the Hub, written as it goes
-        import web
-        return web.prepare(data_dir, hf_name, hf_files, hf_split, hf_text_key, max_tokens, val_tokens)
+        return _prepare_web(data_dir, hf_name, hf_files, hf_split, hf_text_key, max_tokens, val_tokens)
     docs, extra = _documents(dataset, data_dir, files)
     folder = dataset_folder(dataset, data_dir, tokenizer=tokenizer)
     fingerprint = _fingerprint(docs, f'{tokenizer} {extra}')
-    if meta := _up_to_date(folder, fingerprint):
-        print(f"{folder} is up to date: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens")
+    if _up_to_date(folder, fingerprint):
         return folder
 
     t0, enc = time.time(), get_tokenizer(tokenizer)
@@ -174,9 +188,7 @@ def prepare(dataset='shakespeare', data_dir='data', files='', hf_name=HF_NAME, h
         cut = len(ids) - max(1, len(ids) // 10)
         split = {'train': [(doc, ids[:cut])], 'val': [(doc, ids[cut:])]}
 
-    os.makedirs(folder, exist_ok=True)
-    if os.path.exists(os.path.join(folder, 'meta.json')):  # removed first and written last, so an
-        os.remove(os.path.join(folder, 'meta.json'))        # interrupted prepare is redone next time
+    _start(folder)
     meta = dict(dataset=dataset, tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
                 split_by='document' if len(encoded) >= 2 else 'position', fingerprint=fingerprint)
     if dataset == 'multidomain':
@@ -189,9 +201,68 @@ def prepare(dataset='shakespeare', data_dir='data', files='', hf_name=HF_NAME, h
         meta[f'{s}_doc_tokens'] = [len(ids) for _, ids in part]  # documents lie end to end in order
         if dataset == 'multidomain':
             meta[f'{s}_doc_domains'] = [doc.domain for doc, _ in part]
-    _write_atomic(os.path.join(folder, 'meta.json'), json.dumps(meta, indent=1).encode())
+    _write_meta(folder, meta)
     print(f"{dataset} ({tokenizer}): train {len(split['train'])} docs, {meta['train_tokens']:,} tokens | val "
           f"{len(split['val'])} docs, {meta['val_tokens']:,} tokens -> {folder} ({time.time() - t0:.1f}s)")
+    return folder
+
+
+def _prepare_web(data_dir, hf_name, hf_files, hf_split, hf_text_key, max_tokens, val_tokens):
+    """The web corpus (corpora.web) tokenized with GPT-2's BPE in batches and written as it goes,
+    into data/web-<hf_name> (dataset_folder), so that different corpora do not overwrite each other.
+    Documents are taken in stream order: the first ones go to val until it holds val_tokens (whole
+    documents, so it may hold a little more), the rest to train, and the stream stops at
+    max_tokens in all (val + train; the last train document is cut to fit)."""
+    val_tokens = max(1, min(10_000_000, max_tokens // 100)) if val_tokens is None else val_tokens
+    if not 0 < val_tokens < max_tokens:
+        raise DataError(f"val_tokens={val_tokens:,} must be above 0 and below max_tokens={max_tokens:,}")
+    knobs = dict(hf_name=hf_name, hf_files=hf_files, hf_split=hf_split, hf_text_key=hf_text_key,
+                 max_tokens=max_tokens, val_tokens=val_tokens)
+    folder = dataset_folder('web', data_dir, hf_name, hf_files)
+    # a stream has no document list to fingerprint: its knobs and its local files (if any) stand in
+    fingerprint = _fingerprint(corpora.web_files(hf_name, hf_files), json.dumps(knobs, sort_keys=True))
+    if _up_to_date(folder, fingerprint):
+        return folder
+
+    t0, enc = time.time(), get_encoding()
+    batches = corpora.web(hf_name, hf_files, hf_split, hf_text_key)  # fails before anything is written
+    tmp = {s: os.path.join(folder, f'{s}.bin.{os.getpid()}.tmp') for s in ('train', 'val')}
+    tokens, docs, shown = dict(train=0, val=0), dict(train=0, val=0), t0
+    _start(folder)
+    try:
+        with open(tmp['train'], 'wb', 1 << 20) as train, open(tmp['val'], 'wb', 1 << 20) as val:
+            out = dict(train=train, val=val)
+            for texts in batches:
+                for ids in enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1):
+                    s = 'val' if tokens['val'] < val_tokens else 'train'
+                    ids = np.array(ids + [enc.eot_token], dtype=np.uint16)  # GPT-2 ids < 2**16
+                    ids = ids[:max_tokens - tokens['val'] - tokens['train']]
+                    out[s].write(ids.tobytes())
+                    tokens[s], docs[s] = tokens[s] + len(ids), docs[s] + 1
+                    if tokens['val'] + tokens['train'] >= max_tokens:
+                        break
+                total = tokens['val'] + tokens['train']
+                if total >= max_tokens:
+                    break
+                if time.time() - shown > 10:
+                    shown = time.time()
+                    print(f"web: {total:,} tokens ({100 * total / max_tokens:.1f}% of max_tokens), "
+                          f"{docs['val'] + docs['train']:,} docs, {total / (shown - t0) / 1e6:.2f}M tokens/s")
+        if tokens['train'] == 0:
+            raise DataError(f"{hf_name!r} ran out after {tokens['val']:,} tokens, all in val: "
+                            f"lower val_tokens or add data")
+        for s in ('train', 'val'):
+            os.replace(tmp[s], os.path.join(folder, f'{s}.bin'))
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    _write_meta(folder, dict(dataset='web', tokenizer='gpt2', vocab_size=enc.n_vocab, eot=enc.eot_token,
+                             split_by='document', fingerprint=fingerprint, source=knobs,
+                             train_tokens=tokens['train'], val_tokens=tokens['val'],
+                             train_ndocs=docs['train'], val_ndocs=docs['val']))
+    print(f"web: train {docs['train']:,} docs, {tokens['train']:,} tokens | val {docs['val']:,} docs, "
+          f"{tokens['val']:,} tokens -> {folder} ({time.time() - t0:.1f}s)")
     return folder
 
 

@@ -1,5 +1,6 @@
-"""Tests for web.py: a local JSON-lines file through `datasets`, the same code path as the Hub
-without the network: split by document, idempotent, token budget, errors, folder names, the CLI."""
+"""Tests for the web dataset (corpora.web, data.py): a local JSON-lines file through `datasets`, the
+same code path as the Hub without the network: split by document, idempotent, token budget,
+errors, folder names, the CLI."""
 import json
 import os
 import subprocess
