@@ -32,6 +32,18 @@ class CheckpointError(Exception):
     """A checkpoint or out_dir that cannot be used; the message is one line for the user."""
 
 
+# out_dir/ckpt.pt is what evaluations save: the latest, or with always_save_checkpoint=False the
+# best so far (and what sample.py reads). A stop in that mode must not put the current weights over
+# the best ones, so it writes ckpt-stop.pt instead, which a later ckpt.pt supersedes (and deletes).
+CKPT, STOP_CKPT = 'ckpt.pt', 'ckpt-stop.pt'
+
+
+def resume_path(out_dir):
+    """The checkpoint --init_from=resume continues: ckpt-stop.pt where a stop left one, else ckpt.pt."""
+    stopped = os.path.join(out_dir, STOP_CKPT)
+    return stopped if os.path.exists(stopped) else os.path.join(out_dir, CKPT)
+
+
 def check_out_dir(out_dir, init_from):
     """Before any work: the folder can be written, and a new run would not overwrite an old one."""
     try:
@@ -40,8 +52,9 @@ def check_out_dir(out_dir, init_from):
     except OSError as e:
         raise CheckpointError(f"out_dir={out_dir!r} is not writable ({e.strerror}): "
                               f"pass --out_dir=<a folder you can write to>") from None
-    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'ckpt.pt')):
-        raise CheckpointError(f"{out_dir}/ckpt.pt holds an earlier run that a new one would overwrite: continue it "
+    old = [name for name in (CKPT, STOP_CKPT) if os.path.exists(os.path.join(out_dir, name))]
+    if init_from == 'scratch' and old:
+        raise CheckpointError(f"{out_dir}/{old[0]} holds an earlier run that a new one would overwrite: continue it "
                               f"with --init_from=resume, or train in another --out_dir (or delete that one)")
 
 
@@ -71,11 +84,12 @@ def all_finite(state):
     return True
 
 
-def load_checkpoint(path, device='cpu'):
+def load_checkpoint(path, device='cpu', mmap=False):
+    """mmap=True maps the file instead of reading it: cheap when only the plain values are needed."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}: train one first (python train.py) or set --out_dir")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
         missing = {'model', 'model_args'} - set(ckpt)
         if missing:
             raise KeyError(', '.join(sorted(missing)))
@@ -83,6 +97,16 @@ def load_checkpoint(path, device='cpu'):
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
                               f"delete it or set --out_dir to another run") from None
     return ckpt
+
+
+def saved_config(out_dir):
+    """The training config of the run that --init_from=resume would continue in out_dir."""
+    path = resume_path(out_dir)
+    ckpt = load_checkpoint(path, mmap=True)
+    if not isinstance(ckpt.get('config'), dict):
+        raise CheckpointError(f"{path} holds no training config (it was not written by train.py): "
+                              f"train a new run in another --out_dir")
+    return ckpt['config']
 
 
 def model_from_checkpoint(ckpt, **overrides):
@@ -95,11 +119,14 @@ def model_from_checkpoint(ckpt, **overrides):
     return model
 
 
-def save_training(path, model, optimizer, d, **state):
-    """Every rank calls (the expert slices are gathered); rank 0 writes model, optimizer and
-    `state` (iteration, config, RNG states, ...). Returns why it did not write, or None."""
+def save_training(path, model, optimizer, d, scaler=None, **state):
+    """Every rank calls (the expert slices are gathered); rank 0 writes model, optimizer, the float16
+    loss scaler's state and `state` (iteration, config, RNG states, ...). Returns why it did not
+    write, or None."""
     model_state = distributed.full_state_dict(model, d)
     optimizer_state = distributed.full_optimizer_state(optimizer, model, d)
+    if scaler is not None and scaler.is_enabled():  # float16: else a resume restarts the loss scale
+        state['scaler'] = scaler.state_dict()
     if not d.master:
         return None
     if not all_finite(model_state) or not all_finite(optimizer_state['state']):
@@ -109,10 +136,44 @@ def save_training(path, model, optimizer, d, **state):
     return None
 
 
-def restore_training(ckpt, model, optimizer, d, data_generator):
+class Saver:
+    """The training loop's checkpoints: saves the whole run to `path` and remembers which iteration
+    the file on disk holds, so that a run that may not save (its last steps diverged, or its state
+    holds NaN/inf) can say which checkpoint stays. Every rank calls save (the experts are gathered)."""
+
+    def __init__(self, out_dir, model, optimizer, scaler, d, data_generator, keep_best, on_disk=None, **fixed):
+        self.out_dir, self.model, self.optimizer, self.scaler = out_dir, model, optimizer, scaler
+        self.d, self.data_generator, self.keep_best = d, data_generator, keep_best
+        self.path = os.path.join(out_dir, CKPT)
+        self.on_disk = on_disk  # iteration of the checkpoint in `path`, None before the first
+        self.fixed = fixed  # what every checkpoint of the run holds alike: config, tokenizer
+
+    def save(self, iter_num, best_val_loss, diverging=False, stopping=False):
+        """Save the run at iter_num, unless it is diverging (the last good checkpoint stays). A stop
+        of a run that keeps only its best checkpoint (keep_best) writes ckpt-stop.pt instead."""
+        path = os.path.join(self.out_dir, STOP_CKPT) if stopping and self.keep_best else self.path
+        rng = {'torch': torch.get_rng_state(), 'data': self.data_generator.get_state()}
+        why = 'the last steps had NaN/inf gradients' if diverging else save_training(
+            path, self.model, self.optimizer, self.d, scaler=self.scaler, iter_num=iter_num,
+            best_val_loss=best_val_loss, rng=rng, **self.fixed)
+        if self.d.master:
+            print(f"not saving iteration {iter_num}: {why} ({self.path} stays the one from {self.on_disk_str()})"
+                  if why else f"saved checkpoint to {path}")
+        if not why and path == self.path:
+            self.on_disk = iter_num
+            if self.d.master and os.path.exists(os.path.join(self.out_dir, STOP_CKPT)):
+                os.remove(os.path.join(self.out_dir, STOP_CKPT))  # superseded: resume takes ckpt.pt again
+
+    def on_disk_str(self):
+        return 'none: no checkpoint was written' if self.on_disk is None else f'iteration {self.on_disk}'
+
+
+def restore_training(ckpt, model, optimizer, scaler, d, data_generator):
     """The optimizer (this rank's slice of the expert moments, whatever ep_size wrote it), the
-    global RNG and the data order of a checkpoint, into a freshly built run."""
+    float16 loss scale, the global RNG and the data order of a checkpoint, into a freshly built run."""
     optimizer.load_state_dict(distributed.shard_optimizer_state(ckpt['optimizer'], optimizer, model, d))
+    if scaler.is_enabled() and 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
     torch.set_rng_state(ckpt['rng']['torch'])
     data_generator.set_state(ckpt['rng']['data'])
 
@@ -147,3 +208,12 @@ class StopSignals:
             if self.verbose:
                 print(f"{name}: saving a checkpoint after this step, then stopping (again to stop at once)",
                       flush=True)
+
+    def agreed(self, d):
+        """The signal number if any rank got one, so that every rank stops at the same step (a
+        collective under several processes: every rank calls it at the same point of the loop)."""
+        if d.world_size > 1:
+            flag = torch.tensor(float(self.signum is not None), device=d.device)
+            if distributed.all_reduce_mean(flag, d).item() > 0 and self.signum is None:
+                self.signum = signal.SIGTERM
+        return self.signum

@@ -19,6 +19,7 @@ import torch
 
 import data
 import distributed
+from checkpoint import CheckpointError, saved_config
 from experts import resolve_impl
 from model import GPTConfig
 
@@ -30,19 +31,23 @@ class ConfigError(Exception):
 
 
 def find_config(arg):
-    """'configs/topk.py', 'config/topk.py', 'topk.py' and 'topk' all name configs/topk.py."""
+    """The config file `arg` names: a path that exists, or a config of configs/ by its name, written
+    'topk', 'topk.py', 'configs/topk.py' or 'config/topk.py' (nanoGPT's folder name). Any other path
+    that does not exist is an error: 'exp/topk.py' must not silently run configs/topk.py."""
     if os.path.isfile(arg):
         return arg
+    parent = Path(arg).parent
     path = CONFIGS / f'{Path(arg).stem}.py'
-    if path.is_file():
+    if str(parent) in ('.', 'config', 'configs') and Path(arg).suffix in ('', '.py') and path.is_file():
         return str(path)
     known = ', '.join(sorted(p.stem for p in CONFIGS.glob('*.py')))
-    raise ConfigError(f"no config file {arg!r}; the configs are: {known}")
+    raise ConfigError(f"no config file {arg!r}: give an existing file or one of configs/: {known}")
 
 
 def parse(argv, defaults):
-    """Config files and --key=value overrides applied, in order, to a copy of `defaults`."""
-    config = dict(defaults)
+    """Config files and --key=value overrides applied, in order, to a copy of `defaults`; returns
+    the config and the keys that a file or a flag set (what the user asked for, for resume)."""
+    config, given = dict(defaults), set()
 
     def assign(key, value, where):
         if key not in config:
@@ -53,10 +58,13 @@ def parse(argv, defaults):
         if type(value) is not type(default):
             raise ConfigError(f"{key}={value!r} in {where}: expected a {type(default).__name__}, like {default!r}")
         config[key] = value
+        given.add(key)
 
     for arg in argv:
         if not arg.startswith('--'):
             path = find_config(arg)
+            if int(os.environ.get('RANK', 0)) == 0:
+                print(f"config file: {path}")  # the file that ran, whatever name it was given as
             scope = {}
             try:
                 exec(Path(path).read_text(), {}, scope)
@@ -74,7 +82,38 @@ def parse(argv, defaults):
             except (ValueError, SyntaxError):
                 value = text  # a bare word is a string: --router=topk
             assign(key, value, 'the command line')
-    return config
+    return config, given
+
+
+# What --init_from=resume may change: how the run goes on, never what it trains. The rest would make
+# the checkpoint another run's: the model's shape, the data and its order, a router's knobs, the
+# optimizer's groups and its hyperparameters (AdamW's saved state would overwrite weight_decay and
+# betas anyway). The learning-rate schedule is recomputed every step, so it may change.
+RESUME_MAY_CHANGE = ('out_dir', 'init_from', 'data_dir', 'max_iters', 'eval_interval', 'log_interval', 'eval_iters',
+                     'eval_only', 'always_save_checkpoint', 'sample_tokens', 'device', 'dtype', 'compile',
+                     'expert_impl', 'ep_size', 'dist_timeout', 'max_skipped_steps', 'grad_clip', 'learning_rate',
+                     'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr')
+
+
+def resumed(config, given, defaults):
+    """The run's config for --init_from=resume: the checkpoint's, with the values the command line
+    (or a config file) sets among RESUME_MAY_CHANGE; setting anything else to another value is an
+    error. Keys newer than the checkpoint take their defaults. Returns it and {key: (old, new)}."""
+    try:
+        saved = saved_config(config['out_dir'])
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    run = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
+    changes, run['init_from'] = {}, 'resume'
+    for key in sorted(given):
+        if config[key] == run[key]:
+            continue
+        if key not in RESUME_MAY_CHANGE:
+            raise ConfigError(f"{key}={config[key]!r}: the run in {config['out_dir']} was trained with {key}="
+                              f"{run[key]!r}, which a resumed run cannot change: drop it to continue that run, or "
+                              f"start a new run with another --out_dir")
+        changes[key], run[key] = (run[key], config[key]), config[key]
+    return run, changes
 
 
 def model_args(config):
@@ -128,6 +167,22 @@ def check(c, defaults):
                           f"for the routers)")
     if c['max_iters'] < 0 or c['learning_rate'] <= 0:
         raise ConfigError(f"max_iters={c['max_iters']} must be >= 0 and learning_rate={c['learning_rate']} > 0")
+    if not (0 <= c['min_lr'] <= c['learning_rate']):
+        raise ConfigError(f"min_lr={c['min_lr']} must be between 0 and learning_rate={c['learning_rate']} "
+                          f"(the cosine decays from learning_rate down to min_lr)")
+    if c['warmup_iters'] < 0 or c['lr_decay_iters'] < 0:
+        raise ConfigError(f"warmup_iters={c['warmup_iters']} and lr_decay_iters={c['lr_decay_iters']} must be >= 0 "
+                          f"(lr_decay_iters=0 means max_iters)")
+    for name in ('beta1', 'beta2'):
+        if not 0 <= c[name] < 1:
+            raise ConfigError(f"{name}={c[name]} must be in [0, 1) (AdamW's moment decay)")
+    for name, what in (('grad_clip', '0 = no clipping'), ('weight_decay', '0 = none'),
+                       ('sample_tokens', '0 = no sample'), ('seed', 'a non-negative integer'),
+                       ('aux_loss_coef', '0 = none'), ('z_loss_coef', '0 = none')):
+        if c[name] < 0:
+            raise ConfigError(f"{name}={c[name]} must be >= 0 ({what})")
+    if not c['rope_theta'] > 0 or c['hf_max_tokens'] < 1:
+        raise ConfigError(f"rope_theta={c['rope_theta']} and hf_max_tokens={c['hf_max_tokens']} must be > 0")
     if c['max_skipped_steps'] < 0:
         raise ConfigError(f"max_skipped_steps={c['max_skipped_steps']} must be >= 0")
     if c['dist_timeout'] <= 0:
@@ -135,8 +190,9 @@ def check(c, defaults):
     device = c['device'] = c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but this machine has no CUDA GPU: use --device=cpu")
-    if device not in ('cpu', 'mps') and not device.startswith('cuda'):
-        raise ConfigError(f"device={device!r} is not cpu, cuda or cuda:N")
+    if device != 'cpu' and not (device == 'cuda' or device.startswith('cuda:') and device[5:].isdigit()):
+        raise ConfigError(f"device={device!r} is not cpu, cuda or cuda:N (the experts' custom ops are written for "
+                          f"those two): use --device=cpu or --device=cuda")
     bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
     dtype = c['dtype'] = c['dtype'] or ('bfloat16' if bf16 else 'float32')
     if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -174,5 +230,10 @@ def check(c, defaults):
 
 
 def configure(argv, defaults):
-    """parse, then check: the config a run trains with."""
-    return check(parse(argv, defaults), defaults)
+    """parse (and, to resume, take the checkpoint's config), then check: the config a run trains
+    with, and what the command line changed of a resumed run's, {key: (old, new)}."""
+    config, given = parse(argv, defaults)
+    changes = {}
+    if config['init_from'] == 'resume':
+        config, changes = resumed(config, given, defaults)
+    return check(config, defaults), changes

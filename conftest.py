@@ -9,6 +9,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,21 @@ def run_in_process(monkeypatch, argv):
         return e.code
     finally:  # train.py hands Ctrl-C and SIGTERM to a thread of its own: give them back to pytest
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def start(tmp_path, data_dir, *args):
+    """train.py on the tiny model in the background (a Popen, for signals and kills)."""
+    cmd = [sys.executable, str(REPO / 'train.py'), *TINY, f'--data_dir={data_dir}', *args]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(out_dir, it, proc, timeout=120):
+    """Block until out_dir's log has iteration `it` (the run is training)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (out_dir / 'log.jsonl').exists() and any(r.get('iter', -1) >= it and 'loss' in r
+                                                    for r in read_log(out_dir)):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError(f'no iteration {it} in {out_dir} after {timeout}s')

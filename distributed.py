@@ -312,6 +312,20 @@ def full_state_dict(model, d):
     return sd
 
 
+def full_model(model, d):
+    """Rank 0's copy of the whole model, for work one process does alone (the sample at the end of
+    training); None on the other ranks. Without expert parallelism it is the model itself; with it,
+    every rank takes part in gathering the experts and only rank 0 builds the copy."""
+    if d.ep_size == 1:
+        return model if d.master else None
+    state = full_state_dict(model, d)
+    if not d.master:
+        return None
+    full = type(model)(model.config).to(d.device)  # the same class and config, every expert in place
+    full.load_state_dict(state)
+    return full
+
+
 def _expert_state_index(optimizer, model):
     """{index in optimizer.state_dict()['state']: the expert parameter} for this rank's slices."""
     order = [p for g in optimizer.param_groups for p in g['params']]

@@ -347,6 +347,16 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(active=True) + 12 * c.n_layer * c.n_embd * c.block_size
 
+    def step_memory(self, batch_size, bytes_per_value):
+        """A rough estimate of the bytes one training step of batch_size rows holds: weights,
+        gradients and AdamW's two moments in fp32 (16 bytes a parameter), plus the activations kept
+        for the backward, ~34 values per token and layer of width D (Korthikanti et al. 2022, with
+        flash attention) and the logits with their gradient."""
+        c = self.config
+        tokens = batch_size * c.block_size
+        activations = tokens * (34 * c.n_layer * c.n_embd + 2 * c.vocab_size) * bytes_per_value
+        return 16 * self.num_params() + activations
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
         """Extend idx [B, T] by max_new_tokens sampled tokens (the model should be in eval mode).

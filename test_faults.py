@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import distributed
-from conftest import REPO, TINY, read_log, run_in_process, train
+from conftest import REPO, TINY, read_log, run_in_process, start, train, wait_for_step
 from checkpoint import all_finite, load_checkpoint
 
 
@@ -63,23 +63,6 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path, data_dir, monkey
     else:
         assert code == 4 and 'training diverged at iteration 3' in err and 'from iteration 3' in err
         assert max(r['iter'] for r in log) == 2
-
-
-def start(tmp_path, data_dir, *args):
-    cmd = [sys.executable, str(REPO / 'train.py'), *TINY, f'--data_dir={data_dir}', *args]
-    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(out_dir, it, proc, timeout=120):
-    """Block until out_dir's log has iteration `it` (the run is training)."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if (out_dir / 'log.jsonl').exists() and any(r.get('iter', -1) >= it and 'loss' in r
-                                                    for r in read_log(out_dir)):
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise TimeoutError(f'no iteration {it} in {out_dir} after {timeout}s')
 
 
 def test_sigterm_saves_without_evaluating_and_a_second_one_stops_at_once(tmp_path, data_dir):
@@ -175,6 +158,15 @@ def test_resume_after_sigkill_mid_step_gives_the_uninterrupted_losses(tmp_path, 
     (['--router=remoe', '--balance=bias'], "balance='bias' with router='remoe' is invalid"),
     (['--balance=loss'], "balance='loss' is not one of aux, bias, none"),
     (['--n_shared_expert=-1'], 'n_shared_expert=-1 must be >= 0'),
+    (['--device=mps'], "device='mps' is not cpu, cuda or cuda:N"),
+    (['--beta2=1.5'], 'beta2=1.5 must be in [0, 1)'),
+    (['--grad_clip=-1'], 'grad_clip=-1.0 must be >= 0 (0 = no clipping)'),
+    (['--weight_decay=-0.1'], 'weight_decay=-0.1 must be >= 0'),
+    (['--min_lr=1.0'], 'min_lr=1.0 must be between 0 and learning_rate=0.002'),
+    (['--warmup_iters=-3'], 'warmup_iters=-3 and lr_decay_iters=0 must be >= 0'),
+    (['--seed=-1'], 'seed=-1 must be >= 0'),
+    (['--rope_theta=0'], 'rope_theta=0.0 and hf_max_tokens=2000000000 must be > 0'),
+    (['exp/remoe.py'], "no config file 'exp/remoe.py': give an existing file or one of configs/"),
 ])
 def test_bad_input_found_before_any_work(tmp_path, args, needle):
     """One line, exit code 2, before any data is prepared (this data_dir stays empty)."""

@@ -22,14 +22,15 @@ from contextlib import nullcontext
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import configurator  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
-from checkpoint import (CheckpointError, StopSignals, check_out_dir, load_checkpoint,  # noqa: E402
-                        model_from_checkpoint, restore_training, save_training)
+from checkpoint import (CheckpointError, Saver, StopSignals, check_out_dir, load_checkpoint,  # noqa: E402
+                        model_from_checkpoint, restore_training, resume_path)
+from evaluate import estimate_loss  # noqa: E402
 from model import GPT, GPTConfig, device_peak_flops  # noqa: E402
+from sample import generate_text  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # default config values: a top-k MoE on Shakespeare's bytes that trains on 2 CPU cores in ~5 minutes
@@ -119,7 +120,8 @@ def die(msg):
 stop = StopSignals(verbose=int(os.environ.get('RANK', 0)) == 0)  # see its docstring: Ctrl-C, SIGTERM
 defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 try:
-    config = configurator.configure(sys.argv[1:], defaults)  # parsed, type-checked, '' defaults resolved
+    # parsed, type-checked, '' defaults resolved; to resume, the checkpoint's config with what may change
+    config, resume_changes = configurator.configure(sys.argv[1:], defaults)
     if int(os.environ.get('RANK', 0)) == 0:  # the writer: before any work, not after it
         check_out_dir(config['out_dir'], config['init_from'])
 except (configurator.ConfigError, CheckpointError) as e:
@@ -134,10 +136,11 @@ distributed.exit_on_lost_peer(dist)  # a dead peer: one line and exit, not a han
 device = dist.device
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 tokens_per_iter = gradient_accumulation_steps * dist.world_size * batch_size * block_size
+log_path = os.path.join(out_dir, 'log.jsonl')
 if dist.master:
     os.makedirs(out_dir, exist_ok=True)
-    if init_from == 'scratch' and os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-        os.remove(os.path.join(out_dir, 'log.jsonl'))  # a new run, a new log; resume appends
+    if init_from == 'scratch' and os.path.exists(log_path):
+        os.remove(log_path)  # a new run, a new log; resume appends
     print(f"tokens per iteration: {tokens_per_iter:,}")
 torch.manual_seed(seed + dist.rank)
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -161,16 +164,21 @@ domains = batches.domains  # multidomain: evaluation reports a val loss per doma
 model_args['vocab_size'] = 64 * math.ceil(batches.meta['vocab_size'] / 64)  # a multiple of 64: faster matmuls
 
 
+def log(record):
+    """One JSON object per line in out_dir/log.jsonl: the run, then every logged step and evaluation."""
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 # -----------------------------------------------------------------------------
 # model and optimizer
 iter_num, best_val_loss, ckpt = 0, float('inf'), None
 if init_from == 'resume':
     try:
-        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+        ckpt = load_checkpoint(resume_path(out_dir), device)
     except CheckpointError as e:
         die(str(e))
-    # architecture comes from the checkpoint; the dispatch backend may change (e.g. CPU -> GPU)
-    model = model_from_checkpoint(ckpt, expert_impl=expert_impl)
+    model = model_from_checkpoint(ckpt, expert_impl=expert_impl)  # the backend may change (e.g. CPU -> GPU)
     if model.config.vocab_size != model_args['vocab_size']:
         die(f"{out_dir}/ckpt.pt was trained on a vocabulary of {model.config.vocab_size}, but {folder} has "
             f"{model_args['vocab_size']}: resume with the dataset and tokenizer it was trained on")
@@ -179,14 +187,18 @@ else:
     model = GPT(GPTConfig(**model_args))
 model.to(device)
 raw_model = model  # the uncompiled, unwrapped module: its state_dict has no prefixes
+is_moe = raw_model.config.n_moe_layers() > 0
 if dist.master:
     print(f"parameters: {model.num_params() / 1e6:.2f}M total, {model.num_params(active=True) / 1e6:.2f}M active")
     # the log opens with what the run is, so that plots need nothing but log.jsonl
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps({'iter': iter_num, 'run': {
-            **config, 'tokenizer': tokenizer, 'vocab_size': model.config.vocab_size, 'domains': domains,
-            'params': model.num_params(), 'active_params': model.num_params(active=True),
-            'tokens_per_iter': tokens_per_iter, 'world_size': dist.world_size}}) + '\n')
+    log({'iter': iter_num, 'run': {
+        **config, 'tokenizer': tokenizer, 'vocab_size': model.config.vocab_size, 'domains': domains,
+        'params': model.num_params(), 'active_params': model.num_params(active=True),
+        'tokens_per_iter': tokens_per_iter, 'world_size': dist.world_size},
+        **({'resumed': {k: list(v) for k, v in resume_changes.items()}} if init_from == 'resume' else {})})
+    if init_from == 'resume':
+        print(f"resuming {out_dir} at iteration {iter_num}" + ''.join(
+            f", {k} {old!r} -> {new!r}" for k, (old, new) in resume_changes.items()))
 flops_per_token = raw_model.flops_per_token()  # of the full model, before EP keeps a slice here
 distributed.apply_expert_parallel(raw_model, dist)  # ep_size > 1: this rank's experts only
 
@@ -194,7 +206,7 @@ optimizer = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, b
                                           router_lr_scale=router_lr_scale, decay_router=decay_router)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if ckpt is not None:
-    restore_training(ckpt, raw_model, optimizer, dist, data_gen)
+    restore_training(ckpt, raw_model, optimizer, scaler, dist, data_gen)
     ckpt = None  # free memory
 
 if compile:
@@ -203,6 +215,13 @@ if compile:
     model = torch.compile(model, fullgraph=True, dynamic=False)
 model = distributed.wrap(model, dist)
 peak_flops = device_peak_flops(torch.device(device))
+if dist.master:  # what one step costs, said before the first: a huge block_size or model shows here
+    step_s = flops_per_token * tokens_per_iter / dist.world_size / peak_flops
+    memory = raw_model.step_memory(batch_size, ptdtype.itemsize) / 1e9
+    print(f"{'warning: ' if step_s > 60 else ''}one step: at least {step_s:,.2g} s at this device's peak FLOP/s, "
+          f"about {memory:,.2g} GB of memory (rough)")
+saver = Saver(out_dir, raw_model, optimizer, scaler, dist, data_gen, keep_best=not always_save_checkpoint,
+              on_disk=iter_num if init_from == 'resume' else None, config=config, tokenizer=tokenizer)
 
 
 def get_lr(it):
@@ -215,57 +234,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-@torch.no_grad()
-def estimate_loss():
-    """Mean loss over eval_iters batches of each split, the same batches at every evaluation; on
-    a multidomain dataset also the val loss of each domain's tokens within those same batches."""
-    out = {}
-    model.eval()
-    for split in ('train', 'val'):
-        generator = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters)
-        domain_sums = torch.zeros(2, len(domains))  # [loss sum, token count] per domain
-        for k in range(eval_iters):
-            X, Y, ix = batches.get(split, generator)
-            with ctx:
-                logits, _, info = model(X, Y)
-            losses[k] = info['lm_loss'].item()
-            if split == 'val' and domains:
-                token_loss = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten(), reduction='none').cpu()
-                d = batches.target_domains(ix).flatten()
-                domain_sums[0] += torch.bincount(d, token_loss, minlength=len(domains))
-                domain_sums[1] += torch.bincount(d, minlength=len(domains))
-        out[split] = losses.mean().item()
-    for i, name in enumerate(domains):  # a domain that no eval window reached has no loss: NaN, not 0
-        n = domain_sums[1, i].item()
-        out[f'val_{name}'] = domain_sums[0, i].item() / n if n else float('nan')
-    model.train()
-    return out
-
-
-def log(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
-def checkpoint():
-    """Save the run (every rank calls), unless it is diverging: the last good checkpoint stays."""
-    global last_saved
-    rng = {'torch': torch.get_rng_state(), 'data': data_gen.get_state()}
-    why = 'the last steps had NaN/inf gradients' if skipped else save_training(
-        os.path.join(out_dir, 'ckpt.pt'), raw_model, optimizer, dist, config=config, tokenizer=tokenizer,
-        iter_num=iter_num, best_val_loss=best_val_loss, rng=rng)
-    if dist.master:
-        print(f"not saving iteration {iter_num}: {why} ({out_dir}/ckpt.pt stays the one from {describe(last_saved)})"
-              if why else f"saved checkpoint to {out_dir}/ckpt.pt")
-    last_saved = last_saved if why else iter_num
-
-
-def describe(it):
-    return 'none: no checkpoint was written' if it is None else f'iteration {it}'
-
-
-last_saved = iter_num if init_from == 'resume' else None  # iteration of the checkpoint on disk
 skipped = 0  # steps in a row whose gradient was not finite
 stop.training = True  # from here on, a first Ctrl-C / SIGTERM saves before stopping
 
@@ -278,17 +246,11 @@ while True:
         group['lr'] = lr * group['lr_scale']
     last = iter_num >= max_iters
 
-    if dist.world_size > 1:  # every rank stops at the same step, whichever ranks got the signal
-        flag = torch.tensor(float(stop.signum is not None), device=device)
-        if distributed.all_reduce_mean(flag, dist).item() > 0 and stop.signum is None:
-            stop.signum = signal.SIGTERM
-    if stop.signum:
-        checkpoint()
+    if stop.agreed(dist):  # every rank stops at the same step, whichever ranks got the signal
+        saver.save(iter_num, best_val_loss, diverging=skipped > 0, stopping=True)
         break
     if iter_num % eval_interval == 0 or last:
-        losses = estimate_loss()
-        # every rank evaluated its own rows: the mean over ranks, so all ranks decide alike
-        losses = dict(zip(losses, distributed.all_reduce_mean(torch.tensor(list(losses.values())), dist).tolist()))
+        losses = estimate_loss(model, batches, eval_iters, seed, ctx, dist)
         if dist.master:
             per_domain = {name: round(losses[f'val_{name}'], 5) for name in domains}
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
@@ -298,9 +260,9 @@ while True:
         improved = losses['val'] < best_val_loss
         if (improved or always_save_checkpoint) and (iter_num > 0 or last) and math.isfinite(losses['val']):
             best_val_loss = min(best_val_loss, losses['val'])
-            checkpoint()
+            saver.save(iter_num, best_val_loss, diverging=skipped > 0)
         t0, timed_iters = time.time(), 0  # evaluation time is not training time
-        distributed.take_a2a_stats(dist)  # nor is its all-to-all
+        distributed.take_a2a_stats(dist)  # nor are its all-to-alls: reset the counters
     if last or eval_only:
         break
 
@@ -313,7 +275,7 @@ while True:
             _, loss, info = model(X, Y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
-        if 'load' in info:
+        if is_moe:
             load = load + info['load'].float() / gradient_accumulation_steps
     distributed.sync_expert_grads(raw_model, dist)  # EP: expert grads to DDP's mean over ranks
     scaler.unscale_(optimizer)
@@ -324,7 +286,7 @@ while True:
         skipped = 0
         scaler.step(optimizer)
         scaler.update()
-        if 'load' in info:  # ReMoE eq. 7, the balancing bias: once per optimizer step, from this step only
+        if is_moe:  # ReMoE eq. 7, the balancing bias: once per optimizer step, from this step only
             raw_model.update_routers(load)
     else:  # one NaN/inf gradient: skip the step, as large trainers do; several in a row: diverged
         skipped += 1
@@ -333,19 +295,18 @@ while True:
         if skipped > max_skipped_steps:
             if dist.master:
                 print(f"error: training diverged at iteration {iter_num}: {skipped} steps in a row with a "
-                      f"NaN/inf gradient; the last good checkpoint is {out_dir}/ckpt.pt from "
-                      f"{describe(last_saved)}: resume it with a lower --learning_rate or a --grad_clip",
-                      file=sys.stderr)
+                      f"NaN/inf gradient; the last good checkpoint is {out_dir}/ckpt.pt from {saver.on_disk_str()}: "
+                      f"resume it with a lower --learning_rate or a --grad_clip", file=sys.stderr)
             distributed.destroy(dist)
             sys.exit(4)
     optimizer.zero_grad(set_to_none=True)
     timed_iters += 1
 
-    if iter_num % log_interval == 0 and dist.world_size > 1:
-        # logged numbers are global: each rank's loss and routing stats, averaged over ranks
-        # (all of them are means over equally many tokens); every rank takes part
-        loss = distributed.all_reduce_mean(loss.detach(), dist)
-        info = {k: distributed.all_reduce_mean(v.float(), dist) for k, v in info.items()}
+    if iter_num % log_interval == 0:
+        a2a_bytes, a2a_seconds = distributed.take_a2a_stats(dist)  # rank 0's all-to-alls since the last log
+        if dist.world_size > 1:  # logged numbers are global: means over ranks (of equally many tokens)
+            loss = distributed.all_reduce_mean(loss.detach(), dist)
+            info = {k: distributed.all_reduce_mean(v.float(), dist) for k, v in info.items()}
     if iter_num % log_interval == 0 and dist.master:
         t1 = time.time()
         dt, n_iters, t0, timed_iters = t1 - t0, timed_iters, t1, 0  # time per iteration since the last log
@@ -355,29 +316,20 @@ while True:
         record = {'iter': iter_num, 'loss': lossf, 'lm_loss': info['lm_loss'].item(), 'grad_norm': grad_norm,
                   'aux_loss': info['aux_loss'].item(), 'lr': lr, 'tokens_per_sec': round(tokens_per_sec),
                   'mfu': round(mfu, 4), **raw_model.routing_log(info)}
-        if 'load' in info:  # ReMoE's controller saw this, measured on all micro-steps and ranks
+        if is_moe:  # ReMoE's controller saw this, measured on all micro-steps and ranks
             record.update(sparsity=round(1 - load.mean().item(), 5), sparsity_tokens=tokens_per_iter)
-        if dist.ep_size > 1:  # rank 0's expert all-to-alls (forward + backward) per iteration
-            a2a_bytes, a2a_seconds = distributed.take_a2a_stats(dist)
+        if dist.ep_size > 1:  # forward + backward, per iteration
             record.update(a2a_ms=round(1000 * a2a_seconds / n_iters, 3), a2a_mb=round(a2a_bytes / n_iters / 1e6, 4))
         log(record)
         print(f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt / n_iters:.0f}ms/iter, "
               f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%")
-    if iter_num % log_interval == 0:
-        distributed.take_a2a_stats(dist)
     iter_num += 1
 
 if sample_tokens > 0 and not stop.signum:
-    from sample import generate_text
-    sampler = raw_model
-    if dist.ep_size > 1:  # sampling runs on rank 0 alone: it needs all the experts (collective)
-        full_state = distributed.full_state_dict(raw_model, dist)
-        sampler = GPT(raw_model.config).to(device)
-        sampler.load_state_dict(full_state)
+    sampler = distributed.full_model(raw_model, dist)  # rank 0 samples alone, with every expert
     if dist.master:
         print('-' * 40)
-        print(generate_text(sampler, tokenizer, '\n', num_samples=1, max_new_tokens=sample_tokens,
-                            device=device)[0])
+        print(generate_text(sampler, tokenizer, '\n', num_samples=1, max_new_tokens=sample_tokens, device=device)[0])
 distributed.destroy(dist)
 if stop.signum:
     sys.exit(128 + stop.signum)
