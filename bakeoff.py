@@ -7,14 +7,18 @@ then write a results table and plots of what each router does.
     python bakeoff.py --runs=topk,remoe --set=n_expert=16 --name=e16
     python bakeoff.py --runs="base:remoe,slow:remoe+remoe_alpha=1.1" --dataset=shakespeare_char --name=alpha
 
-A run entry is [label:]config[+key=value...]: a config file from configs/ with train.py overrides
-of its own (the label names it in tables and plots; by default the entry itself). Every run gets
-the same dataset, steps, evaluation and --set overrides; its seed sets both its initialisation and
-its data order, so seed s of every entry sees the same batches. Each run is train.py in a
-subprocess, writing results/<name>/runs/<label>-s<seed>/ (log.jsonl, ckpt.pt, train.log).
-Finished runs are reused and interrupted ones resumed, so a bake-off stopped with Ctrl-C
-continues where it stopped; a folder made with other settings is refused, never overwritten. A
-finished run folder copied from another bake-off with the same settings is reused as it is.
+A run entry is [label:]config[+key=value...]: a config file, named as train.py takes it (topk,
+configs/topk.py, ...), with train.py overrides of its own (the label names it in tables and
+plots; by default the entry itself). Every run gets the same dataset, steps, evaluation and --set
+overrides; its seed sets both its initialisation and its data order, so seed s of every entry
+sees the same batches. Each run is train.py in a subprocess, writing
+results/<name>/runs/<label>-s<seed>/ (log.jsonl, ckpt.pt, train.log). Finished runs are reused
+and interrupted ones resumed, so a bake-off stopped with Ctrl-C continues where it stopped; a
+folder made with other settings is refused, never overwritten. A finished run folder copied from
+another bake-off with the same settings is reused as it is.
+
+This file is the entry point; the lab's internals are the package lab/: lab.analysis (the numbers
+of a run), lab.report (results.md) and lab.plots (the figures).
 """
 import argparse
 import json
@@ -25,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import analysis
+import configurator
 import data
+from lab import analysis
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUNS = ('dense,topk,topk-bias:topk+balance=bias,remoe,rmoe,remoe-recurrent:remoe+recurrent_router=True,'
@@ -43,17 +48,17 @@ def parse_runs(text):
     for entry in (e.strip() for e in text.split(',') if e.strip()):
         label, _, spec = entry.rpartition(':') if ':' in entry.split('+')[0] else ('', '', entry)
         config, *overrides = spec.split('+')
-        path = REPO / 'configs' / f'{Path(config).stem}.py'
-        if not path.is_file():
-            known = ', '.join(sorted(p.stem for p in (REPO / 'configs').glob('*.py')))
-            raise LabError(f"run {entry!r}: no config {config!r}; the configs are: {known}")
+        try:  # train.py's own rule, so an entry names the file train.py would run
+            path = os.path.abspath(configurator.find_config(config))  # absolute: train.py runs in REPO
+        except configurator.ConfigError as e:
+            raise LabError(f"run {entry!r}: {e}") from None
         bad = [o for o in overrides if '=' not in o]
         if bad:
             raise LabError(f"run {entry!r}: {bad[0]!r} is not key=value (entries are [label:]config[+key=value...])")
         label = label or spec
         if not label or any(c in label for c in '/ \t'):
             raise LabError(f"run {entry!r}: the label {label!r} must be non-empty, without '/' or spaces")
-        runs.append((label, str(path), [f'--{o}' for o in overrides]))
+        runs.append((label, path, [f'--{o}' for o in overrides]))
     labels = [r[0] for r in runs]
     if len(set(labels)) != len(labels):
         raise LabError(f"two runs have the same label in {text!r}: label them, as in 'a:topk,b:topk+top_k=1'")
@@ -205,7 +210,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted: the runs saved checkpoints; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
-    import report  # the table and plots of the finished runs
+    from lab import report  # the table and plots of the finished runs
     report.write(folder, runs, [1337 + i for i in range(seeds)], plots=not args.no_plots)
 
 

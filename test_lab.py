@@ -1,6 +1,6 @@
 """
-Tests for the router lab: analysis.py's numbers on logs and snapshots whose answers are known,
-plots.py on a small synthetic log.jsonl, and bakeoff.py end to end in a subprocess.
+Tests for the router lab: lab/analysis.py's numbers on logs and snapshots whose answers are known,
+lab/plots.py on a small synthetic log.jsonl, and bakeoff.py end to end in a subprocess.
 """
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import analysis
+from lab import analysis
 
 REPO = Path(__file__).resolve().parent
 
@@ -130,7 +130,7 @@ def _png(path):
 
 
 def test_plots_from_synthetic_logs(tmp_path):
-    plots = pytest.importorskip('plots')
+    plots = pytest.importorskip('lab.plots')
     runs = {'remoe': [write_log(tmp_path / 'r1'), write_log(tmp_path / 'r2', settle=150)],
             'topk': [write_log(tmp_path / 't1', router='topk', dead=(0, 3))],
             'dense': [write_log(tmp_path / 'd1', router=None)]}
@@ -150,7 +150,7 @@ def test_plots_from_synthetic_logs(tmp_path):
 
 
 def test_plots_from_synthetic_snapshots(tmp_path):
-    plots = pytest.importorskip('plots')
+    plots = pytest.importorskip('lab.plots')
     rng = np.random.default_rng(0)
     N, L, E = 2000, 2, 4
     tokens = rng.integers(0, 40, N)
@@ -223,7 +223,7 @@ def test_bakeoff_end_to_end(tmp_path):
 
 
 def test_report_kinds_name_router_balance_and_shared_experts():
-    report = pytest.importorskip('report')
+    report = pytest.importorskip('lab.report')
     base = dict(moe_every=1, router='topk', recurrent_router=False)
     assert report.kind({**base, 'moe_every': 0}) == 'dense'
     assert report.kind(base) == 'topk'  # a run logged before balance existed

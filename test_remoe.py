@@ -11,7 +11,7 @@ import torch.nn as nn
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import analysis
+from lab import analysis
 from conftest import REPO, regression_steps, run
 from model import GPT, MoE, GPTConfig
 from routers import remoe_l1

@@ -1,7 +1,8 @@
 """
 A bake-off's results, from its finished runs: results/<name>/results.md (tables and the papers'
 claims checked against the numbers) and the PNG figures beside it. bakeoff.py calls write() after
-training; every number comes from the runs' log.jsonl and ckpt.pt files (analysis.py).
+training; every number comes from the runs' log.jsonl and ckpt.pt files (lab.analysis), so a
+report can be written again at any time from the run folders alone, without training.
 """
 import datetime
 import json
@@ -12,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import analysis
+from lab import analysis
 
 
 def kind(run):
     """What a run's config makes of its MoE layers: 'dense', 'topk', 'remoe', 'topk-recurrent',
     'topk-bias' (balance='bias'), 'topk-noaux' (balance='none'), 'remoe-shared', ..."""
+    # the claims below look runs up by kind, not by label: a label is whatever the user typed
     if run['moe_every'] == 0:
         return 'dense'
     balance = {'aux': '', 'bias': '-bias', 'none': '-noaux'}[run.get('balance', 'aux')]  # older runs: aux
@@ -32,8 +34,12 @@ def summarize(folder, runs, seeds):
         dirs = [folder / 'runs' / f'{label}-s{seed}' for seed in seeds]
         logs = [analysis.read_log(d) for d in dirs]
         finals = [analysis.final_eval(log) for log in logs]
+        # each checkpoint over the same 256 validation windows (the snapshot's generator has a
+        # fixed seed, not the run's), so every run's routing is measured on the same tokens
         snaps = [analysis.routing_snapshot(d, n_windows=256) for d in dirs]
         loads = [analysis.expert_load(log) for log in logs]
+        # every list below has one entry per seed, so that a table can show mean ± std; 'snap',
+        # the first seed's snapshot, is what the per-token figures draw
         row = {
             'dirs': dirs, 'run': logs[0].run, 'kind': kind(logs[0].run), 'snap': snaps[0],
             'val': [f['val_loss'] for f in finals],
@@ -49,10 +55,11 @@ def summarize(folder, runs, seeds):
                              (analysis.recent_mean(log, 'load_cv') for log in logs)],
             'dropped': [analysis.recent_mean(log, 'dropped') for log in logs],  # per seed, [L] or None
             'bias_spread': [log.steps[-1].get('bias_spread') for log in logs],  # per seed, [L] or None
+            # the last logged step's experts per token, by layer (ReMoE's varies during training)
             'experts': None if loads[0] is None else np.mean([log.steps[-1]['active_experts'] for log in logs], axis=0),
             'controller': [analysis.remoe_controller(log) for log in logs],
         }
-        if snaps[0] is not None:
+        if snaps[0] is not None:  # None: a dense model, no router to look at
             row['cross_mi'] = [analysis.cross_layer_mutual_information(s) for s in snaps]
             if snaps[0]['domains'] is not None:
                 row['domain_mi'] = [float(np.mean(analysis.domain_mutual_information(s))) for s in snaps]
@@ -62,16 +69,19 @@ def summarize(folder, runs, seeds):
 
 
 def pm(values, digits=4):
+    """'mean ± std' over seeds, or the value alone for one seed (a std of 0 would claim no noise)."""
     mean, std = analysis.mean_std(values)
     return f'{mean:.{digits}f} ± {std:.{digits}f}' if len(values) > 1 else f'{mean:.{digits}f}'
 
 
 def tables(rows):
+    """The markdown tables of results.md, as lines: every run's losses and speed; then, for the runs
+    that route, how they use their experts; the balancing bias; ReMoE's controller."""
     first = next(iter(rows.values()))
     domains = list(first['domains'])
     lines = ['| run | active / total params | val loss | ' + ' | '.join(domains) + (' | ' if domains else '')
              + 'tokens/s | wall time |', '|---' * (5 + len(domains)) + '|']
-    best = min(np.mean(r['val']) for r in rows.values())
+    best = min(np.mean(r['val']) for r in rows.values())  # in bold: the lowest mean, ties included
     for label, r in rows.items():
         val = pm(r['val'])
         val = f'**{val}**' if np.mean(r['val']) == best else val
@@ -86,12 +96,14 @@ def tables(rows):
                   '(per seed) | dropped | I(domain; expert), bits | cross-layer MI, bits | ρ(frequency, experts) |',
                   '|---' * 9 + '|']
         for label, r in routed.items():
+            # dropped is logged by every router; it means something only with a capacity limit
             dropped = [np.mean(d) for d in r['dropped'] if d is not None]
             dropped = f'{100 * np.mean(dropped):.1f}%' if dropped and r['run'].get('capacity_factor', 0) > 0 else '-'
             step_cv = pm(r['step_load_cv'], 3) if None not in r['step_load_cv'] else '-'
             lines.append(f"| {label} | {by_layer(r['experts'])} | {by_layer(r['load_cv'])} | {step_cv} | "
                          f"{', '.join(map(str, r['dead']))} | {dropped} | "
                          f"{pm(r['domain_mi'], 3) if 'domain_mi' in r else '-'} | {pm(r['cross_mi'], 3)} | "
+                         # a router that gives every token K experts has no rank correlation (ρ NaN)
                          f"{'- (K fixed)' if np.isnan(r['rho']).all() else pm(r['rho'], 2)} |")
     biased = {k: r for k, r in rows.items() if r['bias_spread'][0] is not None}
     if biased:
@@ -104,6 +116,8 @@ def tables(rows):
         lines += ['', '| run | settles in ±0.02 at step | spread after | max \\|S − S*\\| after step 200 | '
                   'λ peak | min λ after stage II | final λ |', '|---' * 7 + '|']
         for label, r in controlled.items():
+            # λ moves by orders of magnitude, so its seeds are averaged geometrically (the mean of
+            # the logs), and the lowest λ after stage II is the lowest of any seed
             c = r['controller']
             settle = ', '.join('never' if x['settle_iter'] is None else str(x['settle_iter']) for x in c)
             lines.append(f"| {label} | {settle} | {np.mean([x['spread'] for x in c]):.4f} | "
@@ -120,21 +134,28 @@ def _one(rows, name, n_expert=None):
     return found[0] if len(found) == 1 else None
 
 
+def _noise(n_seeds, gap, noise, what='gap'):
+    """How a gap between means compares with the seeds' noise (their largest std), in words."""
+    return ('one seed: no noise estimate' if n_seeds < 2 else
+            'within seed noise' if gap < 2 * noise else f'{what} above twice the seed std')
+
+
 def claims(rows):
-    """Each paper claim this bake-off can test, as a line saying whether it holds, with the numbers."""
+    """Each paper claim this bake-off can test, as a line saying whether it holds, with the numbers.
+    A claim whose runs are not all in the bake-off (or whose kind is there twice) is left out."""
     out = []
     mean = {k: np.mean(r['val']) for k, r in rows.items()}
     std = {k: analysis.mean_std(r['val'])[1] for k, r in rows.items()}
 
     def order(claim, source, labels):
+        # the claim is that the mean val losses of labels rise in this order; every gap must hold
         if None in labels:
             return
         vals = [mean[k] for k in labels]
         holds = all(a < b for a, b in zip(vals, vals[1:]))
         gaps = [b - a for a, b in zip(vals, vals[1:])]
         noise = max(std[k] for k in labels)
-        note = ('one seed: no noise estimate' if len(rows[labels[0]]['val']) < 2 else
-                'within seed noise' if min(abs(g) for g in gaps) < 2 * noise else 'gaps above twice the seed std')
+        note = _noise(len(rows[labels[0]]['val']), min(abs(g) for g in gaps), noise, 'gaps')
         out.append(f"- {claim} ({source}): **{'holds' if holds else 'does not hold'}**: "
                    + ' vs '.join(f'{k} {mean[k]:.4f}' for k in labels)
                    + f" (gaps {', '.join(f'{g:+.4f}' for g in gaps)}; largest seed std {noise:.4f}; {note})")
@@ -145,6 +166,7 @@ def claims(rows):
     order('expert prototyping < top-k at equal compute', 'M6-T abstract', [_one(rows, 'prototype'), _one(rows, 'topk')])
     order('recurrent ReMoE < ReMoE (the GRU helps ReLU routing too; no paper tests it)', 'this repo',
           [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
+    # ReMoE Fig. 6b: needs top-k and ReMoE at two or more expert counts, paired by E
     experts = sorted({r['run']['n_expert'] for r in rows.values()})
     pairs = [(e, _one(rows, 'topk', e), _one(rows, 'remoe', e)) for e in experts]
     pairs = [(e, t, r) for e, t, r in pairs if t and r]
@@ -161,8 +183,7 @@ def claims(rows):
         for key, what in (('mean_load_cv', 'CV of the load averaged over the last 100 steps'),
                           ('step_load_cv', "CV of each step's load, averaged over the last 100 steps")):
             (a, sa), (b, sb) = (analysis.mean_std(rows[k][key]) for k in (biased, aux))
-            note = ('one seed: no noise estimate' if len(rows[biased][key]) < 2 else
-                    'within seed noise' if abs(a - b) < 2 * max(sa, sb) else 'gap above twice the seed std')
+            note = _noise(len(rows[biased][key]), abs(a - b), max(sa, sb))
             out.append(f"- loss-free bias balancing balances the load better than the aux loss (arXiv 2408.15664): "
                        f"**{'holds' if a < b else 'does not hold'}**: {what}, mean over layers, "
                        f"{a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f} ({note})")
@@ -174,9 +195,9 @@ def claims(rows):
                    f"Spearman ρ between a token's training frequency and its experts per layer = {rho:+.2f}")
     topk = _one(rows, 'topk')
     def more(claim, key, hi, lo, what):
+        # the claim is that hi's mutual information (key, in bits) is above lo's
         (a, sa), (b, sb) = analysis.mean_std(rows[hi][key]), analysis.mean_std(rows[lo][key])
-        note = ('one seed: no noise estimate' if len(rows[hi][key]) < 2 else
-                'within seed noise' if abs(a - b) < 2 * max(sa, sb) else 'gap above twice the seed std')
+        note = _noise(len(rows[hi][key]), abs(a - b), max(sa, sb))
         out.append(f"- {claim}: **{'holds' if a > b else 'does not hold'}**: {what} {a:.3f} ± {sa:.3f} vs "
                    f"{b:.3f} ± {sb:.3f} bits ({note})")
 
@@ -198,6 +219,7 @@ def write(folder, runs, seeds, plots=True):
     settings = json.loads((folder / 'bakeoff.json').read_text())
     first = next(iter(rows.values()))['run']
     per_iter = {r['run']['tokens_per_iter'] for r in rows.values()}
+    # the command that made it (an empty argv would leave a stray space inside the backquotes)
     lines = [f'# Bake-off: {folder}', '',
              f"`python bakeoff.py {' '.join(settings['argv'])}`".replace('`python bakeoff.py `', '`python bakeoff.py`'),
              '',
@@ -206,13 +228,13 @@ def write(folder, runs, seeds, plots=True):
              f", seeds {', '.join(map(str, seeds))}. {platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, {datetime.date.today()}. Val loss: mean ± std over seeds"
              f" ({'nats per byte' if first['tokenizer'] == 'bytes' else 'nats per token'}); the best in bold.", '']
-    if len(per_iter) > 1:
+    if len(per_iter) > 1:  # an entry's own overrides may change the batch: equal steps, unequal tokens
         lines += [f'**Warning:** the runs differ in tokens per step ({sorted(per_iter)}).', '']
     lines += tables(rows) + ['', '## Paper claims at this scale', '']
     lines += claims(rows) or ['- none of the claims apply to these runs']
-    if plots:
-        import plots as figures
-        by_label = {label: r['dirs'] for label, r in rows.items()}
+    if plots:  # imported here: matplotlib is needed only for the figures, never for the table
+        from lab import plots as figures
+        by_label = {label: r['dirs'] for label, r in rows.items()}  # every seed's run folder, per label
         made = [figures.val_loss(by_label, folder / 'val_loss.png'),
                 figures.remoe_dynamics(by_label, folder / 'remoe_dynamics.png'),
                 figures.load_balance(by_label, folder / 'load_balance.png'),

@@ -1,6 +1,6 @@
 """
 Numbers about trained runs, read from what train.py leaves in out_dir: log.jsonl and ckpt.pt.
-bakeoff.py tabulates them and plots.py draws them; both work on any train.py run.
+lab.report tabulates them and lab.plots draws them; both work on any train.py run.
 
 From the log (every logged step and evaluation):
     final val loss (overall and per domain), tokens/s, expert load per layer and dead experts,
@@ -14,7 +14,6 @@ From the checkpoint (a forward pass over validation windows with the routers' ga
 Shape legend: N tokens, L MoE layers, E experts, V vocabulary, C domains.
 """
 import json
-import math
 import os
 from typing import NamedTuple
 
@@ -23,7 +22,9 @@ import torch
 
 import data
 
-DEAD = 0.05  # an expert whose load is below 5% of its fair share is dead
+# an expert whose load is below 5% of its fair share is dead: relative to the fair share (the
+# layer's mean load), so the same threshold serves top-k's K/E and ReMoE's varying density
+DEAD = 0.05
 
 
 class Log(NamedTuple):
@@ -35,6 +36,8 @@ class Log(NamedTuple):
 def read_log(out_dir):
     """out_dir/log.jsonl as a Log. A resumed run may log some iterations twice: the later wins."""
     path = os.path.join(out_dir, 'log.jsonl')
+    # keyed by iteration, so a record written again after a resume replaces the first one; the
+    # three kinds of record are told apart by their keys (train.py writes no type field)
     run, steps, evals = {}, {}, {}
     with open(path) as f:
         for line in f:
@@ -67,6 +70,7 @@ def recent_mean(log, key, last=100):
     records = [r for r in log.steps if key in r]
     if not records:
         return None
+    # by iteration, not by record count: with log_interval > 1 the last 100 iterations hold fewer records
     end = records[-1]['iter']
     return np.mean([r[key] for r in records if r['iter'] > end - last], axis=0)
 
@@ -107,9 +111,11 @@ def remoe_controller(log, band=0.02):
     lam = np.array([r['lambda'] for r in records])
     inside = np.abs(s - target) <= band
     outside = np.nonzero(~inside)[0]
+    # settled from the record after the last one outside the band; if the last record is outside
+    # the band, the run never settled (None)
     settle = 0 if len(outside) == 0 else (outside[-1] + 1 if outside[-1] + 1 < len(it) else None)
-    first_in = np.nonzero(inside)[0]
-    late = it > 200
+    first_in = np.nonzero(inside)[0]  # its first element is where stage II ends
+    late = it > 200  # one fixed yardstick for every run (the paper's ReMoE settles in ~110 steps)
     return {
         'target': target,
         'settle_iter': None if settle is None else int(it[settle]),
@@ -131,12 +137,13 @@ def routing_snapshot(out_dir, n_windows=512, batch=64, data_dir=None, seed=0):
     layer's gates. Returns a dict: tokens [N] (the input ids), domains [N] or None, gates
     [N, L, E] (float32, zero = inactive), domain_names, counts [V] (each id's count in the
     training split), top_k; or None for a dense model. data_dir overrides the checkpoint's."""
-    from checkpoint import load_checkpoint, model_from_checkpoint
-    from model import MoE
+    from checkpoint import load_checkpoint, model_from_checkpoint  # lazily: the log-only numbers need no model
     ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    config, tokenizer = ckpt['config'], ckpt.get('tokenizer', 'gpt2')
+    config, tokenizer = ckpt['config'], ckpt.get('tokenizer', 'gpt2')  # older checkpoints: GPT-2 BPE
+    # the loop reference runs eagerly on any device, whichever backend the run trained with
+    # (triton on a GPU): the gates, which are all this records, do not depend on the backend
     model = model_from_checkpoint(ckpt, expert_impl='loop').eval()
-    routers = [b.mlp.router for b in model.transformer.h if isinstance(b.mlp, MoE)]
+    routers = model.routers()
     if not routers:
         return None
     folder = data.dataset_folder(config['dataset'], data_dir or config['data_dir'], hf_name=config['hf_name'],
@@ -144,8 +151,11 @@ def routing_snapshot(out_dir, n_windows=512, batch=64, data_dir=None, seed=0):
     meta = data.load_meta(folder)
     val = data.load_split(folder, 'val')
     token_domain = data.token_domains(meta, 'val')
+    # a hook on each router collects its gates (out[0] of the router contract) in layer order,
+    # without changing the model's forward
     gates = []
     hooks = [r.register_forward_hook(lambda mod, inp, out: gates.append(out[0].float())) for r in routers]
+    # a generator of its own, seeded apart from the run's seed: every run sees the same windows
     generator = torch.Generator().manual_seed(seed)
     T = model.config.block_size
     tokens, domains, per_layer = [], [], []
@@ -156,11 +166,11 @@ def routing_snapshot(out_dir, n_windows=512, batch=64, data_dir=None, seed=0):
         model(x)  # no targets: the gates of every position are still computed, layer by layer
         per_layer.append(torch.stack(gates, dim=1))  # [B*T, L, E]
         tokens.append(x.flatten())
-        if token_domain is not None:
+        if token_domain is not None:  # the domain of each input token x (not of its target y)
             domains.append(torch.from_numpy(token_domain[(np.array(ix)[:, None] + np.arange(T)).ravel()]))
     for h in hooks:
         h.remove()
-    train = data.load_split(folder, 'train')
+    train = data.load_split(folder, 'train')  # token frequencies come from what the model trained on
     return {
         'tokens': torch.cat(tokens).numpy(),
         'domains': torch.cat(domains).numpy() if domains else None,
@@ -176,6 +186,8 @@ def experts_per_token_by_id(snap, min_count=20):
     """For each token id seen at least min_count times in the snapshot: its training-set frequency
     and its mean number of active experts per MoE layer. Returns ids, frequency, experts."""
     active = (snap['gates'] > 0).sum(axis=2).mean(axis=1)  # [N] experts per layer for each token
+    # per id: how often it occurs in the snapshot, and the sum of its experts, so total / seen is
+    # the mean; ids seen fewer than min_count times would only add noise to the correlation
     seen = np.bincount(snap['tokens'], minlength=len(snap['counts']))
     total = np.bincount(snap['tokens'], weights=active, minlength=len(snap['counts']))
     ids = np.nonzero(seen >= min_count)[0]
@@ -184,6 +196,8 @@ def experts_per_token_by_id(snap, min_count=20):
 
 def spearman(a, b):
     """Spearman's rank correlation (ties get their mean rank)."""
+    # written out (numpy only) rather than taken from scipy, which the project does not need
+    # otherwise: the Pearson correlation of the ranks
     def ranks(x):
         order = np.argsort(x, kind='stable')
         r = np.empty(len(x))
@@ -199,26 +213,30 @@ def spearman(a, b):
 def _mutual_information(joint):
     """I(X; Y) in bits of a joint count table."""
     p = joint / joint.sum()
-    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
-    nz = p > 0
+    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)  # the marginals; px @ py: independence
+    nz = p > 0  # 0 log 0 = 0: empty cells add nothing
     return float((p[nz] * np.log2(p[nz] / (px @ py)[nz])).sum())
+
+
+def _domain_expert_counts(snap):
+    """[L, C, E]: how many (token, expert) assignments of domain c's tokens went to expert e in
+    layer l. A token with K active experts counts K times, once for each."""
+    active = snap['gates'] > 0  # [N, L, E]
+    C = len(snap['domain_names'])
+    return np.stack([active[snap['domains'] == c].sum(axis=0) for c in range(C)], axis=1)
 
 
 def domain_expert_share(snap):
     """[L, C, E]: of the (token, expert) assignments of domain c's tokens in layer l, the share that
     went to expert e (each row sums to 1; 1/E everywhere is no specialisation)."""
-    active = snap['gates'] > 0  # [N, L, E]
-    C = len(snap['domain_names'])
-    counts = np.stack([active[snap['domains'] == c].sum(axis=0) for c in range(C)], axis=1)  # [L, C, E]
-    return counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
+    counts = _domain_expert_counts(snap)
+    return counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)  # a domain with no tokens: 0s
 
 
 def domain_mutual_information(snap):
     """Per layer, I(domain; expert) in bits over (token, expert) assignments: 0 when every domain
     spreads over the experts alike, up to log2(C) when each domain has experts of its own."""
-    active = snap['gates'] > 0
-    C = len(snap['domain_names'])
-    counts = np.stack([active[snap['domains'] == c].sum(axis=0) for c in range(C)], axis=1)  # [L, C, E]
+    counts = _domain_expert_counts(snap)
     return [_mutual_information(counts[layer]) for layer in range(counts.shape[0])]
 
 
@@ -227,6 +245,8 @@ def cross_layer_mutual_information(snap):
     token's expert being its largest gate; tokens without an active expert in either layer are
     left out. How much one layer's routing tells about the next one's (RMoE Fig. 3)."""
     g = snap['gates']
+    # one expert per token and layer, so the joint table is E x E whatever K is; a ReMoE token
+    # with no active expert has an argmax that means nothing, hence `on`
     top = g.argmax(axis=2)  # [N, L]
     on = (g > 0).any(axis=2)
     E = g.shape[2]
@@ -245,6 +265,7 @@ def fmt_params(n):
 
 def mean_std(values):
     """Mean and sample standard deviation (0 for a single value)."""
+    # ddof=1: the seeds are a sample of what the training could give, not the whole population
     v = np.asarray(values, float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
@@ -253,6 +274,3 @@ def fmt_minutes(seconds):
     m, s = divmod(int(round(seconds)), 60)
     return f'{m}m{s:02d}s' if m < 60 else f'{m // 60}h{m % 60:02d}m'
 
-
-def log10(x):
-    return math.log10(x) if x > 0 else float('-inf')

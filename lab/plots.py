@@ -1,10 +1,10 @@
 """
 Figures of what routers do, from train.py's out_dir folders (log.jsonl and ckpt.pt) alone.
 
-    python plots.py out-remoe out-topk --out=plots     # every figure that applies to these runs
+    python -m lab.plots out-remoe out-topk --out=plots     # every figure that applies to these runs
 
-bakeoff.py calls the same functions with its runs grouped by config (seeds together). Each
-function takes {label: [out_dir, ...]} (or the numbers analysis.py computed), skips the runs that
+lab.report calls the same functions for a bake-off, its runs grouped by label (seeds together).
+Each function takes {label: [out_dir, ...]} (or the numbers lab.analysis computed), skips the runs that
 lack what it needs (a router without sparsity has no λ to plot) and returns the PNG's path, or
 None when nothing applied. matplotlib is imported here only, so a results table needs none of it.
 """
@@ -18,12 +18,14 @@ matplotlib.use('Agg')  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import analysis  # noqa: E402
+from lab import analysis  # noqa: E402
 
+# matplotlib's default colour cycle as a list: the i-th label a figure draws gets COLORS[i]
 COLORS = plt.rcParams['axes.prop_cycle'].by_key()['color']
 
 
 def _save(fig, path):
+    # bbox_inches='tight': the picture is cropped to what is drawn, suptitle and legends included
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
@@ -40,6 +42,8 @@ def val_loss(runs, path):
         curves = [{r['iter']: r['val_loss'] for r in log.evals} for log in logs if log.evals]
         if not curves:
             continue
+        # only the evaluations every seed has, so each point of the mean averages the same seeds
+        # (a run that stopped early has fewer)
         iters = sorted(set.intersection(*(set(c) for c in curves)))
         tokens = np.array(iters) * logs[0].run['tokens_per_iter'] / 1e6
         losses = np.array([[c[it] for it in iters] for c in curves])  # [seeds, evals]
@@ -49,7 +53,7 @@ def val_loss(runs, path):
             if len(curves) > 1:
                 ax.fill_between(tokens, losses.min(axis=0), losses.max(axis=0), color=COLORS[i % len(COLORS)],
                                 alpha=0.2, lw=0)
-        half = tokens >= tokens[-1] / 2
+        half = tokens >= tokens[-1] / 2  # every label trains the same tokens: one x axis for all
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -57,6 +61,8 @@ def val_loss(runs, path):
     unit = 'nats per byte' if logs[0].run.get('tokenizer') == 'bytes' else 'nats per token'
     axes[0].set_title('validation loss')
     axes[1].set_title('second half of training (zoomed)')
+    # the zoom is fitted to the mean curves of the second half: the first steps' losses, several
+    # times larger, would otherwise flatten the differences that the comparison is about
     lows = [line.get_ydata()[half].min() for line in axes[1].get_lines()]
     highs = [line.get_ydata()[half].max() for line in axes[1].get_lines()]
     axes[1].set_xlim(tokens[half][0], tokens[-1])
@@ -73,6 +79,7 @@ def val_loss(runs, path):
 def remoe_dynamics(runs, path):
     """ReMoE's controller, one column per run that has a λ: the sparsity against its target (stages
     I, II and III shaded), λ on a log scale, and the experts each MoE layer gives a token."""
+    # the first seed only: the stages fall at other steps in each seed, and a mean would blur them
     logs = {label: analysis.read_log(dirs[0]) for label, dirs in runs.items()}
     logs = {label: log for label, log in logs.items() if any('lambda' in r for r in log.steps)}
     if not logs:
@@ -88,13 +95,15 @@ def remoe_dynamics(runs, path):
         ax.plot(it, s, lw=0.8, color=COLORS[0], label='measured sparsity')
         ax.axhline(c['target'], color='k', ls='--', lw=1, label=f"target 1 - K/E = {c['target']:.3f}")
         ax.axhspan(c['target'] - 0.02, c['target'] + 0.02, color='k', alpha=0.08, label='target ± 0.02')
-        # stage I runs to the densest point, stage II until the sparsity first reaches the band
+        # stage I runs to the densest point, stage II until the sparsity first reaches the band; the
+        # densest point is looked for in the first third only, so that a late dip is not taken for it
         dense_end = it[np.argmin(s[:max(1, len(s) // 3)])]
         inside = np.nonzero(np.abs(s - c['target']) <= 0.02)[0]
         band_start = it[inside[0]] if len(inside) else it[-1]
         for (a, b), name, shade in (((0, dense_end), 'I', 0.10), ((dense_end, band_start), 'II', 0.18),
                                     ((band_start, it[-1]), 'III', 0.0)):
             ax.axvspan(a, b, color=COLORS[1], alpha=shade, lw=0)
+            # x in data units, y in axes units: the stage names sit at the bottom whatever the scale
             ax.text((a + b) / 2, 0.02, name, ha='center', transform=ax.get_xaxis_transform(), fontsize=10)
         ax.set_ylabel('sparsity (fraction of zero gates)')
         ax.set_ylim(0, 1)
@@ -102,6 +111,7 @@ def remoe_dynamics(runs, path):
                                               if c['settle_iter'] is not None else ' (never settles)'))
         ax.legend(fontsize=8, loc='lower right')
         ax = axes[1, col]
+        # a log scale: each step multiplies or divides λ by α
         ax.semilogy(it, [r['lambda'] for r in steps], color=COLORS[2], lw=1)
         ax.set_ylabel('λ (L1 coefficient)')
         ax.set_title(f"{label}: λ (min after stage II {c['min_lambda_after']:.1e})")
@@ -125,12 +135,15 @@ def load_balance(runs, path, window=25):
     balanced) averaged over MoE layers and seeds, smoothed over `window` logged steps. Right, for
     the runs with balance='bias': the bias spread (max - min) of each MoE layer, first seed."""
     logs = {label: [analysis.read_log(d) for d in dirs] for label, dirs in runs.items()}
+    # a dense model logs no load: it has no experts to balance
     logs = {label: ls for label, ls in logs.items() if any('load_cv' in r for r in ls[0].steps)}
     if not logs:
         return None
     biased = {label: ls[0] for label, ls in logs.items() if any('bias_spread' in r for r in ls[0].steps)}
     fig, axes = plt.subplots(1, 2 if biased else 1, figsize=(11 if biased else 6.5, 4.2), squeeze=False,
                              layout='constrained')
+    # a moving mean: one step's load CV is mostly the noise of its batch; 'valid' keeps only full
+    # windows, so the curve starts at the window-th logged step
     smooth = lambda y: np.convolve(y, np.ones(window) / window, mode='valid')
     ax = axes[0, 0]
     for i, (label, ls) in enumerate(logs.items()):
@@ -150,6 +163,7 @@ def load_balance(runs, path, window=25):
         for i, (label, log) in enumerate(biased.items()):
             steps = [r for r in log.steps if 'bias_spread' in r]
             spread = np.array([r['bias_spread'] for r in steps])  # [steps, L]
+            # colour: the layer; line style: the label
             for layer in range(spread.shape[1]):
                 ax.plot([r['iter'] for r in steps], spread[:, layer], lw=1, color=COLORS[layer % len(COLORS)],
                         ls=['-', '--', ':', '-.'][i % 4], label=f'{label}, layer {layer}')
@@ -172,6 +186,8 @@ def expert_load(loads, path):
     fig, axes = plt.subplots(1, len(loads), figsize=(3.4 * len(loads) + 1, 3.4), squeeze=False,
                              layout='constrained')
     for ax, (label, load) in zip(axes[0], loads.items()):
+        # load over the fair share, on a colour scale centred on 1 (white): blue under-used, red
+        # over-used, the same scale for top-k's K/E and ReMoE's varying density
         rel = load / load.mean(axis=1, keepdims=True)
         im = ax.imshow(rel, cmap='RdBu_r', vmin=0, vmax=2, aspect='auto')
         for layer, e in zip(*np.nonzero(rel < analysis.DEAD)):
@@ -188,6 +204,8 @@ def expert_load(loads, path):
 
 
 def _byte_label(token_id, tokenizer):
+    """A token as the plot names it: the byte's character (a name for the invisible ones), or, for
+    GPT-2 BPE, the token id."""
     if tokenizer != 'bytes':
         return str(token_id)
     named = {10: '\\n', 32: 'space', 9: '\\t'}
@@ -198,6 +216,8 @@ def rare_tokens(snaps, path):
     """Experts per token against the token's training frequency (ReMoE Fig. 7): one point per token
     id, for every label whose router gives a variable number of experts; Spearman's ρ in the legend.
     snaps: {label: routing_snapshot(...) or None}."""
+    # top-k gives every token K experts: a flat line says nothing, so only routers whose number of
+    # active experts varies from token to token are drawn
     variable = {label: s for label, s in snaps.items()
                 if s is not None and len(np.unique((s['gates'] > 0).sum(axis=2))) > 1}
     if not variable:
@@ -214,7 +234,7 @@ def rare_tokens(snaps, path):
                 ax.annotate(_byte_label(ids[j], snap['tokenizer']), (freq[j], experts[j]), fontsize=7,
                             xytext=(3, 3), textcoords='offset points')
     ax.axhline(next(iter(variable.values()))['top_k'], color='k', ls='--', lw=1, label='K (top-k gives every token K)')
-    ax.set_xscale('log')
+    ax.set_xscale('log')  # token frequencies span several orders of magnitude (Zipf)
     ax.set_xlabel('token frequency in the training data (fraction of tokens, log scale)')
     ax.set_ylabel('active experts per MoE layer (mean)')
     ax.set_title('Rare vs frequent tokens: how many experts each token gets (validation tokens)')
@@ -239,6 +259,7 @@ def domain_routing(snaps, path):
         E = share.shape[2]
         for layer in range(L):
             ax = axes[row, layer]
+            # share x E: 1 (white) is the uniform share 1/E, as in expert_load's scale
             im = ax.imshow(share[layer] * E, cmap='RdBu_r', vmin=0, vmax=2, aspect='auto')
             ax.set_title(f'{label}, layer {layer}\nI(domain; expert) = {mi[layer]:.3f} bits', fontsize=8)
             ax.set_yticks(range(len(snap['domain_names'])))
@@ -253,11 +274,13 @@ def domain_routing(snaps, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='python -m lab.plots', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('out_dirs', nargs='+', help="train.py out_dir folders (each with log.jsonl, ckpt.pt)")
     p.add_argument('--out', default='plots', help='folder for the PNG files')
     p.add_argument('--data_dir', default=None, help="where the runs' datasets are (default: as trained)")
     args = p.parse_args(argv)
+    # every folder is its own label (its name), with one seed: the figures then draw no bands
     runs = {}
     for d in args.out_dirs:
         if not os.path.isfile(os.path.join(d, 'log.jsonl')):
@@ -268,6 +291,7 @@ def main(argv=None):
             load_balance(runs, f'{args.out}/load_balance.png'),
             expert_load({k: analysis.expert_load(analysis.read_log(v[0])) for k, v in runs.items()},
                         f'{args.out}/expert_load.png')]
+    # the routing figures need the weights; a run without a checkpoint gets the log's figures only
     with_ckpt = {k: v for k, v in runs.items() if os.path.isfile(os.path.join(v[0], 'ckpt.pt'))}
     snaps = {k: analysis.routing_snapshot(v[0], data_dir=args.data_dir) for k, v in with_ckpt.items()}
     made += [rare_tokens(snaps, f'{args.out}/rare_tokens.png'), domain_routing(snaps, f'{args.out}/domain_routing.png')]
