@@ -20,6 +20,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -350,6 +351,29 @@ class Batches:
         ix = window_offsets(len(self.splits[split]), self.batch_size * self.world_size, self.block_size, generator)
         ix = ix[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         return *windows(self.splits[split], ix, self.block_size, self.device), ix
+
+    def split_windows(self, split, rows):
+        """The whole split in this rank's share of non-overlapping windows of block_size, `rows` at
+        a time: x, y [rows, block_size], mask [rows, block_size] (False on the padding that fills
+        the tail window and the last batches) and y's domain ids (None without domains). Over all
+        ranks, every token but the split's first is a target exactly once; every rank runs as many
+        batches of the same shape (collectives stay in step)."""
+        tokens, T, B = self.splits[split], self.block_size, rows
+        n_targets = len(tokens) - 1
+        starts = range(0, n_targets, T)  # the window at s predicts tokens[s + 1 : s + T + 1]
+        mine = starts[self.rank::self.world_size]
+        domains = self.val_domains if split == 'val' else None
+        for b in range(math.ceil(len(starts) / (B * self.world_size))):
+            x, y = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+            mask, dom = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.long)
+            for row, s in enumerate(mine[b * B:(b + 1) * B]):
+                n = min(T, n_targets - s)  # the tail window is shorter
+                x[row, :n] = torch.from_numpy(tokens[s:s + n].astype(np.int64))
+                y[row, :n] = torch.from_numpy(tokens[s + 1:s + n + 1].astype(np.int64))
+                mask[row, :n] = True
+                if domains is not None:
+                    dom[row, :n] = domains[s + 1:s + n + 1]
+            yield x.to(self.device), y.to(self.device), mask, dom if domains is not None else None
 
     def target_domains(self, ix):
         """[len(ix), block_size] domain ids of the val tokens y of the windows starting at ix."""

@@ -117,6 +117,15 @@ def all_reduce_mean(t, d):
     return t
 
 
+def all_reduce_sum(t, d):
+    """The sum of t over ranks (a copy): pooled sums and counts, where a mean of means would weigh
+    ranks with fewer tokens as much as the others."""
+    if d.world_size > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def barrier(d):
     if d.world_size > 1:
         dist.barrier()

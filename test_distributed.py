@@ -14,6 +14,7 @@ Shape legend: N tokens per rank, E experts, D width, H expert hidden.
 import copy
 import socket
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import data
 import distributed
+from evaluate import score_split
 from experts import Experts
+from model import GPT, GPTConfig
 from conftest import TINY, read_log, run
 
 WORLD = 2
@@ -122,7 +126,6 @@ def test_expert_parallel_layer_equals_single_process(impl):
 
 
 def _training_matches(rank, router, extra):
-    from model import GPT, GPTConfig
     torch.manual_seed(0)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4, top_k=2, router=router,
                        block_size=8, vocab_size=64, expert_impl='grouped', remoe_lambda0=1e-3, **extra)
@@ -268,3 +271,29 @@ def test_dead_rank_makes_the_other_exit_with_one_line(tmp_path, data_dir):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+# -----------------------------------------------------------------------------
+# the final score, pooled
+
+def _tiny_scorer():
+    torch.manual_seed(0)  # the same weights in every process
+    return GPT(GPTConfig(block_size=8, vocab_size=256, n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4,
+                         top_k=2, expert_impl='loop'))
+
+
+def _score_pools(rank, folder, expected):
+    d = distributed.Dist(rank=rank, world_size=WORLD)
+    got = score_split(_tiny_scorer(), data.Batches(folder, 3, 8, rank, WORLD), nullcontext(), d, rows=3)
+    assert got['val_tokens'] == expected['val_tokens']  # every token once, over both ranks
+    assert got['val'] == pytest.approx(expected['val'], rel=1e-6), (got, expected)
+
+
+def test_the_final_score_pools_sums_and_counts_over_processes(tmp_path):
+    """Each rank scores its share of the windows (rank 1's include the short tail window, so the
+    ranks' token counts differ) and the pooled loss equals one process scoring them all."""
+    (tmp_path / 'a.txt').write_text('To be, or not to be, that is the question. ' * 40)
+    data.prepare('textfiles', str(tmp_path / 'data'), files=str(tmp_path / 'a.txt'), tokenizer='bytes')
+    folder = data.dataset_folder('textfiles', str(tmp_path / 'data'), tokenizer='bytes')
+    expected = score_split(_tiny_scorer(), data.Batches(folder, 3, 8), nullcontext(), distributed.Dist(), rows=3)
+    spawn(_score_pools, folder, expected)
