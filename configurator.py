@@ -41,7 +41,7 @@ def find_config(arg):
     if str(parent) in ('.', 'config', 'configs') and Path(arg).suffix in ('', '.py') and path.is_file():
         return str(path)
     known = ', '.join(sorted(p.stem for p in CONFIGS.glob('*.py')))
-    raise ConfigError(f"no config file {arg!r}: give an existing file or one of configs/: {known}")
+    raise ConfigError(f"no config {arg!r}; the configs are: {known} (or give the path of an existing file)")
 
 
 def parse(argv, defaults):

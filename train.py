@@ -70,7 +70,7 @@ recurrent_router = False  # RMoE: router logits from a GRU shared across layers
 rmoe_dim = 128  # RMoE: projector and GRU width
 rmoe_flow = 'pass'  # RMoE Table 5: 'pass' (RMoE), 'detach' (no recurrent gradient), 'none' (NP: no state passed)
 rmoe_init = 'normal'  # RMoE: 'normal' (init_std, no biases) or 'torch' (PyTorch's own init + biases, the paper's code)
-expert_impl = 'auto'  # 'loop' (readable reference), 'grouped', 'auto'
+expert_impl = 'auto'  # 'loop' (readable reference), 'grouped', 'triton' (CUDA), 'auto' (triton on CUDA, else grouped)
 expert_granularity = 1  # G: E*G experts of hidden H/G with K*G active
 n_shared_expert = 0  # always-on experts per MoE layer beside the routed ones (DeepSeekMoE)
 capacity_factor = 0.0  # topk/prototype: expert capacity = cf * K * N / E; 0 = dropless
