@@ -15,7 +15,11 @@ sees the same batches. Each run is train.py in a subprocess, writing
 results/<name>/runs/<label>-s<seed>/ (log.jsonl, ckpt.pt, train.log). Finished runs are reused
 and interrupted ones resumed, so a bake-off stopped with Ctrl-C continues where it stopped; a
 folder made with other settings is refused, never overwritten. A finished run folder copied from
-another bake-off with the same settings is reused as it is.
+another bake-off with the same settings is reused as it is. A finished run whose log ends without a
+final score over every validation token (made before train.py had one) stops the bake-off before
+any training, with the command that re-scores it (python train.py --init_from=resume
+--out_dir=RUN --eval_only=True --compile=False: no training, the checkpoint not rewritten);
+--rescore runs those commands itself.
 
 This file is the entry point; the lab's internals are the package lab/: lab.analysis (the numbers
 of a run), lab.report (results.md) and lab.plots (the figures).
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import configurator
 import data
-from lab import analysis
+from lab import analysis, report
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_RUNS = ('dense,topk,topk-bias:topk+balance=bias,remoe,rmoe,remoe-recurrent:remoe+recurrent_router=True,'
@@ -156,9 +160,43 @@ def train_all(folder, runs, seeds, common):
         state_path.write_text(json.dumps(state, indent=1))
         durations.append(time.time() - t0)
         left -= 1
-        final = analysis.final_eval(analysis.read_log(out))
+        final = analysis.final_score(analysis.read_log(out))
+        if final is None:
+            raise LabError(f"{name} finished without a final score over every validation token "
+                           f"(is train.py older than the bake-off?): see {out / 'train.log'}")
         print(f"[{n}/{len(jobs)}] {name}: val loss {final['val_loss']:.4f} in "
               f"{analysis.fmt_minutes(time.time() - t0)}", flush=True)
+
+
+def rescore_stale(folder, runs, seeds, rescore):
+    """Finished runs made before train.py scored every validation token (their log ends with a
+    sampled val loss) are never mixed with new ones: with rescore, each checkpoint is scored again
+    on the whole split by train.py --eval_only (no training, the checkpoint not rewritten);
+    without, the bake-off lists them with the commands and stops."""
+    finished = []
+    for label, _, _ in runs:
+        for seed in seeds:
+            out = folder / 'runs' / f'{label}-s{seed}'
+            state = out / 'run.json'
+            if state.exists() and json.loads(state.read_text())['done']:
+                finished.append(out)
+    stale = report.unscored(finished)
+    if stale and not rescore:
+        for out in stale:
+            print(f"{out.name}: no final score over every validation token; re-score: {report.rescore_command(out)}")
+        raise LabError(f"{len(stale)} finished run(s) of {folder} were scored before the full-split final score "
+                       f"(listed above, with the commands that re-score them without training): run those, or "
+                       f"run this bake-off again with --rescore")
+    for n, out in enumerate(stale, 1):
+        old = analysis.final_eval(analysis.read_log(out))['val_loss']
+        print(f"[re-score {n}/{len(stale)}] {out.name}: every validation token, no training", flush=True)
+        rc = run_train(report.rescore_argv(os.path.abspath(out)), out / 'train.log')
+        final = analysis.final_score(analysis.read_log(out)) if rc == 0 else None
+        if final is None:
+            raise LabError(f"re-scoring {out.name} failed (exit code {rc}): {last_line(out / 'train.log')} "
+                           f"(whole log: {out / 'train.log'})")
+        print(f"[re-score {n}/{len(stale)}] {out.name}: val loss {old:.4f} (sampled) -> {final['val_loss']:.4f} "
+              f"({final['val_tokens']:,} tokens)", flush=True)
 
 
 def main(argv=None):
@@ -175,6 +213,8 @@ def main(argv=None):
     p.add_argument('--results', default='results', help='the folder holding every bake-off')
     p.add_argument('--data_dir', default='data')
     p.add_argument('--no_plots', action='store_true', help='the table only (needs no matplotlib)')
+    p.add_argument('--rescore', action='store_true', help='score again, on every validation token, the '
+                   'finished runs made before train.py did so (no training); without it such runs stop the bake-off')
     args = p.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
     max_iters = args.max_iters or (600 if args.quick else 1500)
@@ -199,19 +239,22 @@ def main(argv=None):
         common = [f'--dataset={args.dataset}', f'--data_dir={data_dir}', f'--max_iters={max_iters}',
                   f'--eval_interval={max(1, max_iters // 10)}', '--eval_iters=40', '--log_interval=1',
                   '--sample_tokens=0', *[f'--{s}' for s in args.set]]
-        check_folder(folder, {'common': common, 'argv': sys.argv[1:] if argv is None else argv})
+        # the command that makes these results (--rescore only mends older runs: not part of it)
+        made_by = [a for a in (sys.argv[1:] if argv is None else argv) if a != '--rescore']
+        check_folder(folder, {'common': common, 'argv': made_by})
+        seeds = [1337 + i for i in range(seeds)]
+        rescore_stale(folder, runs, seeds, args.rescore)  # before any training: old scores never mix with new
         for label, config, overrides in runs:
             if not (folder / 'runs' / f'{label}-s1337' / 'run.json').exists():
                 dry_run(label, config, overrides, common)
-        train_all(folder, runs, [1337 + i for i in range(seeds)], common)
-    except LabError as e:
+        train_all(folder, runs, seeds, common)
+        report.write(folder, runs, seeds, plots=not args.no_plots)
+    except (LabError, report.ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: the runs saved checkpoints; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
-    from lab import report  # the table and plots of the finished runs
-    report.write(folder, runs, [1337 + i for i in range(seeds)], plots=not args.no_plots)
 
 
 if __name__ == '__main__':

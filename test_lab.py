@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parent
 
 
 def write_log(out_dir, router='remoe', iters=300, settle=120, n_layer=2, n_expert=4, top_k=1, dead=None,
-              balance='aux'):
+              balance='aux', final=True):
     """A log.jsonl like train.py's: a run header, a record per step and an evaluation every 50.
     The sparsity falls, then climbs into the band around 1 - K/E at `settle` and stays there;
     λ grows x1.2 a step until then and then alternates around its peak. `dead`: (layer, expert)
-    given no load at all. balance='bias' logs a bias spread that grows."""
+    given no load at all. balance='bias' logs a bias spread that grows. final: the last evaluation
+    is train.py's score over every validation token (False: a log made before train.py had one)."""
     os.makedirs(out_dir, exist_ok=True)
     target = 1 - top_k / n_expert
     run = dict(dataset='multidomain', tokenizer='bytes', max_iters=iters, top_k=top_k, n_expert=n_expert,
@@ -33,7 +34,8 @@ def write_log(out_dir, router='remoe', iters=300, settle=120, n_layer=2, n_exper
     for it in range(iters + 1):
         if it % 50 == 0:
             records.append({'iter': it, 'train_loss': 3 - it / 200, 'val_loss': 3.1 - it / 200,
-                            'val_loss_per_domain': {'drama': 3.2 - it / 200, 'code': 3.0 - it / 200}})
+                            'val_loss_per_domain': {'drama': 3.2 - it / 200, 'code': 3.0 - it / 200},
+                            **({'final': True, 'val_tokens': 5000} if final and it == iters else {})})
         if it == iters:
             break
         record = {'iter': it, 'loss': 3 - it / 200, 'tokens_per_sec': 1000 + it}
@@ -65,6 +67,10 @@ def test_read_log_keeps_the_later_of_repeated_iterations(tmp_path):
     assert log.run['router'] == 'remoe' and [r['iter'] for r in log.steps] == list(range(300))
     assert log.steps[-1]['loss'] == 0.5 and [r['iter'] for r in log.evals] == [0, 50, 100, 150, 200, 250, 300]
     assert analysis.final_eval(log)['val_loss'] == pytest.approx(1.6)
+    assert analysis.final_score(log)['val_tokens'] == 5000
+    # a log that ends with a sampled val loss (made before train.py scored the whole split) has no score
+    old = analysis.read_log(write_log(tmp_path / 'old', final=False))
+    assert analysis.final_eval(old)['val_loss'] == pytest.approx(1.6) and analysis.final_score(old) is None
 
 
 def test_remoe_controller_numbers(tmp_path):
@@ -205,6 +211,24 @@ def test_bakeoff_end_to_end(tmp_path):
 
     again = lab(tmp_path, *args, '--no_plots')  # finished runs are reused, never retrained
     assert '[2/2] remoe-s1337: done before' in again.stdout and (run / 'ckpt.pt').stat().st_mtime_ns == stamp
+    assert 'every validation token once' in table and 'one seed: not decided' in table
+
+    # a run made before the full-split score: its log ends with a sampled val loss. It stops the
+    # bake-off with the command that re-scores it; --rescore runs that command, which does not train
+    records = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
+    for r in records:
+        r.pop('final', None), r.pop('val_tokens', None)
+    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    old = lab(tmp_path, *args, '--no_plots', ok=False)
+    one_line_error(old, '1 finished run(s) of')
+    assert (f'remoe-s1337: no final score over every validation token; re-score: python train.py '
+            f'--init_from=resume --out_dir={run} --eval_only=True') in old.stdout
+    assert 'topk-s1337' not in old.stdout and (run / 'ckpt.pt').stat().st_mtime_ns == stamp
+    mended = lab(tmp_path, *args, '--no_plots', '--rescore')
+    assert '[re-score 1/1] remoe-s1337: val loss' in mended.stdout and ': training' not in mended.stdout
+    assert (run / 'ckpt.pt').stat().st_mtime_ns == stamp
+    assert analysis.final_score(analysis.read_log(run))['iter'] == 12
+    assert '--rescore' not in (folder / 'results.md').read_text()  # not part of the command that made it
 
     one_line_error(lab(tmp_path, *[a.replace('12', '13') for a in args], ok=False), 'holds a bake-off made with '
                    'other settings (--max_iters=12 --max_iters=13): pass --name=<a new name> or delete')
@@ -230,3 +254,54 @@ def test_report_kinds_name_router_balance_and_shared_experts():
     assert report.kind({**base, 'balance': 'bias'}) == 'topk-bias'
     assert report.kind({**base, 'balance': 'none', 'recurrent_router': True}) == 'topk-recurrent-noaux'
     assert report.kind({**base, 'router': 'remoe', 'balance': 'aux', 'n_shared_expert': 1}) == 'remoe-shared'
+
+
+def test_verdict_is_paired_seed_by_seed():
+    report = pytest.importorskip('lab.report')
+    # a small gap that every seed agrees on holds
+    p = report.verdict([-0.010, -0.011, -0.009])
+    assert p.verdict == 'holds' and p.agree == 3 and p.n == 3
+    assert p.mean == pytest.approx(-0.010) and p.se == pytest.approx(0.001 / np.sqrt(3)) and p.t < -2
+    # seeds far apart (std 0.05, ten times the gap) but a consistent-sign small gap: still holds
+    b = np.array([1.505, 1.556, 1.604])
+    a = b - [0.005, 0.006, 0.004]
+    assert 0.005 < 2 * max(analysis.mean_std(a)[1], analysis.mean_std(b)[1])  # the old unpaired rule: noise
+    assert report.verdict(a - b).verdict == 'holds'
+    # a sign flip: not decided, however large the mean
+    p = report.verdict([-0.030, 0.012, -0.020])
+    assert p.verdict == 'not decided at this scale' and p.agree == 2
+    # a consistent gap the other way: reversed
+    assert report.verdict([0.010, 0.012, 0.009]).verdict == 'reversed'
+    assert report.verdict([0.010, 0.012, 0.009], claimed='>').verdict == 'holds'  # "A > B"
+    # exactly at 2 SE is not more than 2 SE; a NaN decides nothing
+    assert report.verdict([-1.0, -3.0]).verdict == 'not decided at this scale'  # mean -2, se 1
+    assert report.verdict([-0.01, np.nan, -0.01]).verdict == 'not decided at this scale'
+    # one seed: no standard error, no verdict
+    p = report.verdict([-0.5])
+    assert p.verdict == 'one seed: not decided' and p.se is None and p.t is None
+    assert report.numbers(p) == '-0.5000 (one seed, no standard error)'
+
+
+def test_claims_print_the_numbers_they_decided_on():
+    report = pytest.importorskip('lab.report')
+    def row(kind, val, n_expert=8, **domains):
+        return {'kind': kind, 'run': {'n_expert': n_expert}, 'val': list(val), 'domains': domains}
+    dense = np.array([1.60, 1.50, 1.55])  # the seeds far apart, the routers' gaps small and paired
+    rows = {'remoe': row('remoe', dense - [0.012, 0.010, 0.011], drama=[1.0, 1.1, 1.2]),
+            'topk': row('topk', dense - [0.004, -0.002, 0.003], drama=[1.01, 1.11, 1.21]),
+            'dense': row('dense', dense, drama=[1.02, 1.09, 1.23]),
+            'prototype': row('prototype', dense + [0.010, 0.011, 0.009], drama=[1.0, 1.1, 1.2])}
+    lines = report.claims(rows)
+    text = '\n'.join(lines)
+    assert lines[0] == '- ReMoE < top-k < dense in validation loss (ReMoE §4.2, Fig. 6), link by link:'
+    assert lines[1].startswith('  - remoe < topk: **holds**: remoe 1.5390 vs topk 1.5483; remoe − topk = -0.0093 ± ')
+    assert '0.0013 SE, t = -7.0, 3 of 3 seeds agree; per seed -0.0080, -0.0120, -0.0080' in lines[1]
+    assert lines[2].startswith('    - on drama: **holds**: remoe 1.100 vs topk 1.110')
+    assert lines[3].startswith('  - topk < dense: **not decided at this scale**:') and '2 of 3 seeds agree' in lines[3]
+    assert lines[4].startswith('    - on drama: **not decided at this scale**')  # -0.01, +0.02, -0.02
+    assert '- expert prototyping < top-k at equal compute (M6-T abstract): **reversed**' in text
+    assert len(lines) == 7  # the claims whose runs are missing are left out
+    # ReMoE Fig. 6b: the gain at each E, seed by seed
+    rows.update({'topk-e16': row('topk', dense, 16), 'remoe-e16': row('remoe', dense - [0.030, 0.028, 0.033], 16)})
+    grows = [line for line in report.claims(rows) if 'gain at E=8 < gain at E=16' in line]
+    assert len(grows) == 1 and '**holds**' in grows[0]

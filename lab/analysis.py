@@ -58,6 +58,14 @@ def final_eval(log):
     return log.evals[-1] if log.evals else None
 
 
+def final_score(log):
+    """The run's score: its last evaluation record if that is train.py's final one ('final': True,
+    every validation token once, 'val_tokens' of them), else None: a log that ends without one was
+    made before train.py scored the whole split (a sample of windows), or has not finished."""
+    last = final_eval(log)
+    return last if last is not None and last.get('final') else None
+
+
 def tokens_per_sec(log):
     """Median training speed, the first logged interval (compilation, warm-up) left out."""
     speeds = [r['tokens_per_sec'] for r in log.steps[1:]]

@@ -4,8 +4,10 @@ claims checked against the numbers) and the PNG figures beside it. bakeoff.py ca
 training; every number comes from the runs' log.jsonl and ckpt.pt files (lab.analysis), so a
 report can be written again at any time from the run folders alone, without training.
 """
+import collections
 import datetime
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -27,13 +29,41 @@ def kind(run):
             + ('-shared' if run.get('n_shared_expert', 0) else ''))
 
 
+class ReportError(Exception):
+    """A one-line message: why the report cannot be written and what to do."""
+
+
+def rescore_argv(out_dir):
+    """train.py's arguments that score a finished run's checkpoint on every validation token
+    without training it or rewriting it: its log.jsonl gets a run record and a final val record.
+    Eager (compile=False): only the short sampled evaluation before the score would use the graph."""
+    return ['--init_from=resume', f'--out_dir={out_dir}', '--eval_only=True', '--compile=False']
+
+
+def rescore_command(out_dir):
+    return ' '.join(['python train.py', *rescore_argv(out_dir)])
+
+
+def unscored(dirs):
+    """The run folders whose log.jsonl does not end with train.py's final score over the whole
+    validation split: made before train.py had one, their last val_loss is a sample of windows
+    and must not be compared with a new run's."""
+    return [d for d in dirs if analysis.final_score(analysis.read_log(d)) is None]
+
+
 def summarize(folder, runs, seeds):
     """Per label, the numbers of each seed's run (lists over seeds) and its first seed's snapshot."""
+    every = [folder / 'runs' / f'{label}-s{seed}' for label, _, _ in runs for seed in seeds]
+    stale = unscored(every)
+    if stale:
+        raise ReportError(f"{len(stale)} run(s) end without a final score over every validation token "
+                          f"({', '.join(d.name for d in stale)}): re-score each with `{rescore_command(stale[0])}` "
+                          f"(no training), or run the bake-off again with --rescore")
     rows = {}
     for label, _, _ in runs:
         dirs = [folder / 'runs' / f'{label}-s{seed}' for seed in seeds]
         logs = [analysis.read_log(d) for d in dirs]
-        finals = [analysis.final_eval(log) for log in logs]
+        finals = [analysis.final_score(log) for log in logs]  # every val token once: the run's score
         # each checkpoint over the same 256 validation windows (the snapshot's generator has a
         # fixed seed, not the run's), so every run's routing is measured on the same tokens
         snaps = [analysis.routing_snapshot(d, n_windows=256) for d in dirs]
@@ -43,6 +73,7 @@ def summarize(folder, runs, seeds):
         row = {
             'dirs': dirs, 'run': logs[0].run, 'kind': kind(logs[0].run), 'snap': snaps[0],
             'val': [f['val_loss'] for f in finals],
+            'val_tokens': [f['val_tokens'] for f in finals],
             'domains': {d: [f['val_loss_per_domain'][d] for f in finals] for d in logs[0].run.get('domains', [])},
             'tokens_per_sec': [analysis.tokens_per_sec(log) for log in logs],
             'seconds': [json.loads((d / 'run.json').read_text())['seconds'] for d in dirs],
@@ -134,81 +165,126 @@ def _one(rows, name, n_expert=None):
     return found[0] if len(found) == 1 else None
 
 
-def _noise(n_seeds, gap, noise, what='gap'):
-    """How a gap between means compares with the seeds' noise (their largest std), in words."""
-    return ('one seed: no noise estimate' if n_seeds < 2 else
-            'within seed noise' if gap < 2 * noise else f'{what} above twice the seed std')
+HOLDS, REVERSED, UNDECIDED, ONE_SEED = 'holds', 'reversed', 'not decided at this scale', 'one seed: not decided'
+Paired = collections.namedtuple('Paired', 'verdict mean se t agree n diffs')
+
+
+def verdict(diffs, claimed='<'):
+    """The lab's one rule for a claim "A < B" (claimed='<'; '>' for "A > B"), decided on the
+    per-seed differences A − B. Seed s of every entry trains on the same batches and is scored on
+    the same validation tokens, so what the seeds share cancels in A − B; what is left is the
+    noise of the difference itself, however far apart the seeds' own losses are.
+    mean: the mean difference; se: its standard error, std(differences, n − 1) / √n; t = mean / se.
+      'holds': the mean is more than 2 se from 0 in the claimed direction;
+      'reversed': more than 2 se from 0 the other way;
+      'not decided at this scale': otherwise (a NaN difference included);
+      'one seed: not decided': a single seed has no standard error (se and t are None).
+    Returns Paired(verdict, mean, se, t, agree, n, diffs), agree: the seeds whose difference has the
+    claimed sign."""
+    d = np.asarray(diffs, float)
+    sign = -1.0 if claimed == '<' else 1.0
+    n, mean, agree = len(d), float(d.mean()), int(np.sum(sign * d > 0))
+    if n < 2:
+        return Paired(ONE_SEED, mean, None, None, agree, n, d.tolist())
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    toward = sign * mean  # > 0: in the claimed direction
+    decided = HOLDS if toward > 2 * se else REVERSED if -toward > 2 * se else UNDECIDED
+    t = mean / se if se > 0 else float('nan') if mean == 0 else math.copysign(math.inf, mean)
+    return Paired(decided, mean, se, t, agree, n, d.tolist())
+
+
+def numbers(p, digits=4):
+    """The numbers a verdict was decided on, in words: mean ± SE, t, agreement, the differences."""
+    seeds = ', '.join(f'{x:+.{digits}f}' for x in p.diffs)
+    if p.se is None:
+        return f'{p.mean:+.{digits}f} (one seed, no standard error)'
+    return (f'{p.mean:+.{digits}f} ± {p.se:.{digits}f} SE, t = {p.t:+.1f}, {p.agree} of {p.n} seeds agree; '
+            f'per seed {seeds}')
 
 
 def claims(rows):
-    """Each paper claim this bake-off can test, as a line saying whether it holds, with the numbers.
-    A claim whose runs are not all in the bake-off (or whose kind is there twice) is left out."""
+    """Each paper claim this bake-off can test, as lines saying whether it holds, with the numbers
+    the verdict rule (verdict()) decided on. A claim whose runs are not all in the bake-off (or
+    whose kind is there twice) is left out."""
     out = []
-    mean = {k: np.mean(r['val']) for k, r in rows.items()}
-    std = {k: analysis.mean_std(r['val'])[1] for k, r in rows.items()}
 
-    def order(claim, source, labels):
-        # the claim is that the mean val losses of labels rise in this order; every gap must hold
+    def paired(a, b, key, claimed='<', digits=4, indent='', name=None, domain=None):
+        # one line: "A < B" (or >) on rows[a][key] − rows[b][key], seed by seed
+        va, vb = ((rows[k]['domains'][domain] if domain else rows[k][key]) for k in (a, b))
+        p = verdict(np.subtract(va, vb), claimed)
+        what = name or f'{a} {claimed} {b}'
+        return (f"{indent}- {what}: **{p.verdict}**: {a} {np.mean(va):.{digits}f} vs {b} {np.mean(vb):.{digits}f}; "
+                f"{a} − {b} = {numbers(p, digits)}")
+
+    def loss(a, b, indent='', name=None):
+        # a validation-loss claim, and the same claim on each domain's held-out documents
+        lines = [paired(a, b, 'val', indent=indent, name=name)]
+        lines += [paired(a, b, None, digits=3, indent=indent + '  ', name=f'on {d}', domain=d)
+                  for d in rows[a]['domains']]
+        return lines
+
+    def claim(text, source, labels):
+        # the claim is that the val losses of labels rise in this order: decided link by link
         if None in labels:
             return
-        vals = [mean[k] for k in labels]
-        holds = all(a < b for a, b in zip(vals, vals[1:]))
-        gaps = [b - a for a, b in zip(vals, vals[1:])]
-        noise = max(std[k] for k in labels)
-        note = _noise(len(rows[labels[0]]['val']), min(abs(g) for g in gaps), noise, 'gaps')
-        out.append(f"- {claim} ({source}): **{'holds' if holds else 'does not hold'}**: "
-                   + ' vs '.join(f'{k} {mean[k]:.4f}' for k in labels)
-                   + f" (gaps {', '.join(f'{g:+.4f}' for g in gaps)}; largest seed std {noise:.4f}; {note})")
+        if len(labels) == 2:
+            out.extend(loss(*labels, name=f'{text} ({source})'))
+            return
+        out.append(f'- {text} ({source}), link by link:')
+        for a, b in zip(labels, labels[1:]):
+            out.extend(loss(a, b, indent='  '))
 
-    order('ReMoE < top-k < dense in validation loss', 'ReMoE §4.2, Fig. 6',
+    claim('ReMoE < top-k < dense in validation loss', 'ReMoE §4.2, Fig. 6',
           [_one(rows, 'remoe'), _one(rows, 'topk'), _one(rows, 'dense')])
-    order('RMoE < top-k', 'RMoE Table 1', [_one(rows, 'topk-recurrent'), _one(rows, 'topk')])
-    order('expert prototyping < top-k at equal compute', 'M6-T abstract', [_one(rows, 'prototype'), _one(rows, 'topk')])
-    order('recurrent ReMoE < ReMoE (the GRU helps ReLU routing too; no paper tests it)', 'this repo',
+    claim('RMoE < top-k', 'RMoE Table 1', [_one(rows, 'topk-recurrent'), _one(rows, 'topk')])
+    claim('expert prototyping < top-k at equal compute', 'M6-T abstract', [_one(rows, 'prototype'), _one(rows, 'topk')])
+    claim('recurrent ReMoE < ReMoE (the GRU helps ReLU routing too; no paper tests it)', 'this repo',
           [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
-    # ReMoE Fig. 6b: needs top-k and ReMoE at two or more expert counts, paired by E
+    # ReMoE Fig. 6b: needs top-k and ReMoE at two or more expert counts; seed s of all four runs
+    # saw the same batches, so each seed has its own gain at each E
     experts = sorted({r['run']['n_expert'] for r in rows.values()})
     pairs = [(e, _one(rows, 'topk', e), _one(rows, 'remoe', e)) for e in experts]
     pairs = [(e, t, r) for e, t, r in pairs if t and r]
     if len(pairs) >= 2:
-        gaps = [mean[t] - mean[r] for _, t, r in pairs]
-        holds = all(a < b for a, b in zip(gaps, gaps[1:]))
-        out.append(f"- ReMoE's gain over top-k grows with E (ReMoE Fig. 6b): "
-                   f"**{'holds' if holds else 'does not hold'}**: "
-                   + ', '.join(f'E={e}: {g:+.4f}' for (e, _, _), g in zip(pairs, gaps)))
-    order('loss-free bias balancing < the Switch aux loss in validation loss', 'arXiv 2408.15664',
+        gains = {e: np.subtract(rows[t]['val'], rows[r]['val']) for e, t, r in pairs}
+        out.append("- ReMoE's gain over top-k (top-k − ReMoE) grows with E (ReMoE Fig. 6b): gains "
+                   + '; '.join(f'E={e}: {numbers(verdict(g, ">"))}' for e, g in gains.items()) + '; E by E:')
+        for (e1, _, _), (e2, _, _) in zip(pairs, pairs[1:]):
+            p = verdict(gains[e1] - gains[e2], '<')
+            out.append(f'  - gain at E={e1} < gain at E={e2}: **{p.verdict}**: difference {numbers(p)}')
+    claim('loss-free bias balancing < the Switch aux loss in validation loss', 'arXiv 2408.15664',
           [_one(rows, 'topk-bias'), _one(rows, 'topk')])
     biased, aux = _one(rows, 'topk-bias'), _one(rows, 'topk')
     if biased and aux:  # the paper's MaxVio is the largest overload; the load CV is its spread
         for key, what in (('mean_load_cv', 'CV of the load averaged over the last 100 steps'),
                           ('step_load_cv', "CV of each step's load, averaged over the last 100 steps")):
-            (a, sa), (b, sb) = (analysis.mean_std(rows[k][key]) for k in (biased, aux))
-            note = _noise(len(rows[biased][key]), abs(a - b), max(sa, sb))
-            out.append(f"- loss-free bias balancing balances the load better than the aux loss (arXiv 2408.15664): "
-                       f"**{'holds' if a < b else 'does not hold'}**: {what}, mean over layers, "
-                       f"{a:.3f} ± {sa:.3f} vs {b:.3f} ± {sb:.3f} ({note})")
+            if None not in rows[biased][key] + rows[aux][key]:
+                out.append(paired(biased, aux, key, digits=3, name='loss-free bias balancing balances the load '
+                                  f'better than the aux loss (arXiv 2408.15664), {what}, mean over layers'))
     remoe = _one(rows, 'remoe')
     if remoe and 'rho' in rows[remoe]:
-        rho = np.mean(rows[remoe]['rho'])
-        out.append(f"- rare tokens get more experts under ReMoE (ReMoE Fig. 7): "
-                   f"**{'holds' if rho < 0 else 'does not hold'}**: "
-                   f"Spearman ρ between a token's training frequency and its experts per layer = {rho:+.2f}")
+        p = verdict(rows[remoe]['rho'], '<')  # the difference from 0: no correlation
+        out.append(f"- rare tokens get more experts under ReMoE (ReMoE Fig. 7): **{p.verdict}**: Spearman ρ "
+                   f"between a token's training frequency and its experts per layer (< 0: rare tokens get more) "
+                   f"= {numbers(p, 2)}")
     topk = _one(rows, 'topk')
-    def more(claim, key, hi, lo, what):
-        # the claim is that hi's mutual information (key, in bits) is above lo's
-        (a, sa), (b, sb) = analysis.mean_std(rows[hi][key]), analysis.mean_std(rows[lo][key])
-        note = _noise(len(rows[hi][key]), abs(a - b), max(sa, sb))
-        out.append(f"- {claim}: **{'holds' if a > b else 'does not hold'}**: {what} {a:.3f} ± {sa:.3f} vs "
-                   f"{b:.3f} ± {sb:.3f} bits ({note})")
-
     if remoe and topk and 'domain_mi' in rows[remoe]:
-        more("ReMoE's experts specialise by domain more than top-k's (ReMoE Fig. 9)", 'domain_mi', remoe, topk,
-             'I(domain; expert), mean over layers (0 = no specialisation),')
+        out.append(paired(remoe, topk, 'domain_mi', '>', 3, name="ReMoE's experts specialise by domain more than "
+                          "top-k's (ReMoE Fig. 9), I(domain; expert) in bits, mean over layers (0 = none)"))
     rmoe = _one(rows, 'topk-recurrent')
     if rmoe and topk:
-        more("RMoE's routing carries more information from layer to layer (RMoE Fig. 3)", 'cross_mi', rmoe, topk,
-             'mutual information between the expert choices of consecutive layers,')
+        out.append(paired(rmoe, topk, 'cross_mi', '>', 3, name="RMoE's routing carries more information from "
+                          "layer to layer (RMoE Fig. 3), mutual information between consecutive layers' expert "
+                          "choices in bits"))
     return out
+
+
+RULE = ('Each claim "A < B" is decided seed by seed (seed s of every entry trained on the same batches and '
+        'is scored on the same validation tokens): on the differences A − B, their mean ± standard error '
+        '(std over seeds, n − 1, / √n) and t = mean / SE. **holds**: t beyond 2 in the claimed direction; '
+        '**reversed**: beyond 2 the other way; otherwise **not decided at this scale**; with one seed, '
+        '**one seed: not decided**. With 3 seeds the rule is lenient: were there no difference at all, '
+        'about 1 claim in 11 would still "hold" (t with 2 degrees of freedom).')
 
 
 def write(folder, runs, seeds, plots=True):
@@ -227,10 +303,16 @@ def write(folder, runs, seeds, plots=True):
              f"{first['tokens_per_iter']:,} tokens ({first['max_iters'] * first['tokens_per_iter'] / 1e6:.2f}M per run)"
              f", seeds {', '.join(map(str, seeds))}. {platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}, {datetime.date.today()}. Val loss: mean ± std over seeds"
-             f" ({'nats per byte' if first['tokenizer'] == 'bytes' else 'nats per token'}); the best in bold.", '']
+             f" ({'nats per byte' if first['tokenizer'] == 'bytes' else 'nats per token'}), each run scored on "
+             f"every validation token once ({max(n for r in rows.values() for n in r['val_tokens']):,}); "
+             f"the best in bold.", '']
+    val_tokens = {n for r in rows.values() for n in r['val_tokens']}
+    if len(val_tokens) > 1:  # a paired difference needs both runs scored on the same tokens
+        lines += [f'**Warning:** the runs were scored on different numbers of validation tokens '
+                  f'({sorted(val_tokens)}): their differences are not paired.', '']
     if len(per_iter) > 1:  # an entry's own overrides may change the batch: equal steps, unequal tokens
         lines += [f'**Warning:** the runs differ in tokens per step ({sorted(per_iter)}).', '']
-    lines += tables(rows) + ['', '## Paper claims at this scale', '']
+    lines += tables(rows) + ['', '## Paper claims at this scale', '', RULE, '']
     lines += claims(rows) or ['- none of the claims apply to these runs']
     if plots:  # imported here: matplotlib is needed only for the figures, never for the table
         from lab import plots as figures
