@@ -100,13 +100,14 @@ def load_checkpoint(path, device='cpu', mmap=False):
 
 
 def saved_config(out_dir):
-    """The training config of the run that --init_from=resume would continue in out_dir."""
+    """The training config of the run that --init_from=resume would continue in out_dir, and the
+    number of processes it ran on (batch_size is per process)."""
     path = resume_path(out_dir)
     ckpt = load_checkpoint(path, mmap=True)
     if not isinstance(ckpt.get('config'), dict):
         raise CheckpointError(f"{path} holds no training config (it was not written by train.py): "
                               f"train a new run in another --out_dir")
-    return ckpt['config']
+    return ckpt['config'], ckpt.get('world_size', 1)
 
 
 def model_from_checkpoint(ckpt, **overrides):

@@ -100,18 +100,24 @@ def resumed(config, given, defaults):
     (or a config file) sets among RESUME_MAY_CHANGE; setting anything else to another value is an
     error. Keys newer than the checkpoint take their defaults. Returns it and {key: (old, new)}."""
     try:
-        saved = saved_config(config['out_dir'])
+        saved, saved_world = saved_config(config['out_dir'])
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     run = {**defaults, **{k: v for k, v in saved.items() if k in defaults}}
     changes, run['init_from'] = {}, 'resume'
+    run['ep_size'] = config['ep_size']  # how this launch lays out its processes, not the run's: not inherited
+    world = int(os.environ.get('WORLD_SIZE', 1))
     for key in sorted(given):
         if config[key] == run[key]:
             continue
-        if key not in RESUME_MAY_CHANGE:
+        # batch_size is per process: another number of processes keeps the data order if the
+        # global batch (what every rank draws, then slices) stays the same
+        same_global = key == 'batch_size' and config[key] * world == run[key] * saved_world
+        if key not in RESUME_MAY_CHANGE and not same_global:
+            on = f" on {saved_world} processes" if key == 'batch_size' and saved_world > 1 else ''
             raise ConfigError(f"{key}={config[key]!r}: the run in {config['out_dir']} was trained with {key}="
-                              f"{run[key]!r}, which a resumed run cannot change: drop it to continue that run, or "
-                              f"start a new run with another --out_dir")
+                              f"{run[key]!r}{on}, which a resumed run cannot change: drop it to continue that run, "
+                              f"or start a new run with another --out_dir")
         changes[key], run[key] = (run[key], config[key]), config[key]
     return run, changes
 

@@ -221,7 +221,8 @@ if dist.master:  # what one step costs, said before the first: a huge block_size
     print(f"{'warning: ' if step_s > 60 else ''}one step: at least {step_s:,.2g} s at this device's peak FLOP/s, "
           f"about {memory:,.2g} GB of memory (rough)")
 saver = Saver(out_dir, raw_model, optimizer, scaler, dist, data_gen, keep_best=not always_save_checkpoint,
-              on_disk=iter_num if init_from == 'resume' else None, config=config, tokenizer=tokenizer)
+              on_disk=iter_num if init_from == 'resume' else None, config=config, tokenizer=tokenizer,
+              world_size=dist.world_size)
 
 
 def get_lr(it):
