@@ -38,8 +38,9 @@ import data
 from lab import analysis, report
 
 REPO = Path(__file__).resolve().parent
-DEFAULT_RUNS = ('dense,topk,topk-bias:topk+balance=bias,remoe,rmoe,remoe-recurrent:remoe+recurrent_router=True,'
-                'prototype')
+# remoe-recurrent takes configs/rmoe.py's recurrent router (width 64, PyTorch's init): like for like with rmoe
+DEFAULT_RUNS = ('dense,topk,topk-bias:topk+balance=bias,remoe,rmoe,'
+                'remoe-recurrent:remoe+recurrent_router=True+rmoe_dim=64+rmoe_init=torch,prototype')
 
 
 class LabError(Exception):

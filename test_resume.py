@@ -129,7 +129,7 @@ def test_the_float16_loss_scale_survives_a_checkpoint(tmp_path):
 
 def test_a_huge_step_is_announced_before_it_starts(tmp_path, data_dir):
     """block_size=100000 runs (users may mean it), but says first what one step will cost."""
-    proc = start(tmp_path, data_dir, '--block_size=100000', '--batch_size=1', '--max_iters=1', f'--out_dir={tmp_path}/o')
+    proc = start(tmp_path, data_dir, '--block_size=100000', '--batch_size=64', '--max_iters=1', f'--out_dir={tmp_path}/o')
     for line in proc.stdout:
         if 'one step:' in line:
             break

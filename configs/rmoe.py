@@ -2,8 +2,8 @@
 # all layers that carries each token's routing state from layer to layer.
 # Hardware: 2 CPU cores, about 6 minutes (python train.py config/rmoe.py).
 # configs/topk.py plus the recurrent router and its init: rmoe_dim = 64 here (the paper's 128 is
-# for d >= 352; this model has d = 128). RMoE's released code also renormalises the kept gates
-# (router_renorm=True); here they are not, as in the top-k baseline, so the router is the only difference.
+# for d >= 352; this model has d = 128). The kept gates are renormalised as in RMoE's released code and in
+# configs/topk.py, so the router is the only difference.
 # rmoe_init='torch' as the paper's code: with the normal(0.02) init the router logits start at std 0.003
 # (top-k: 0.2) and three of the four layers route near-uniformly for hundreds of steps; this init closes
 # the 0.04 gap to top-k at steps 300-600 (README: RMoE at small scale; one seed, the 1,500-step runs pending).
@@ -25,5 +25,6 @@ router = 'topk'
 recurrent_router = True
 rmoe_dim = 64
 rmoe_init = 'torch'  # PyTorch's own GRU and Linear init, biases on projector and router (the paper's code)
+router_renorm = True
 aux_loss_coef = 0.01
 router_lr_scale = 0.25  # the routers learn 4x slower: better val loss for top-k and ReMoE (README)
