@@ -7,6 +7,8 @@ training of every config against configs/dense.py. Prints one table of ratios (m
     python bench.py --T=4096 --D=256 --Ek=8,2 --e2e=topk   # any slice of the grid
     python bench.py --T=512,4096 --Ek=8,2 --e2e=none --peer  # + the transformers Mixtral block
     python bench.py --T=none --e2e=none --ckpts=out-dense,out-topk,out-remoe   # trained models' steps
+    python bench.py --sample         # sampling tokens/s with and without the KV cache, every config
+    python bench.py --sample --ckpts=out-remoe --new_tokens=1000    # ... of trained checkpoints
 
 (a) Layer: x [N, D] -> top-k router -> experts, for each backend, eager and compiled (fullgraph),
     forward and forward+backward, against the dense FFN in the same mode. Iso-FLOP convention:
@@ -20,6 +22,10 @@ training of every config against configs/dense.py. Prints one table of ratios (m
     only reaches its target sparsity, stage III, after hundreds of steps): each checkpoint's model,
     compiled, on batches of its own dataset, with its routers' updates (lambda, bias) running, timed
     step by step interleaved in one process; ratios against the first checkpoint.
+(d) --sample (on its own): sample.generate's tokens/s for one sample of --new_tokens tokens from a one-token
+    prompt (sample.py's defaults: temperature 0.8, top-k 200), with the KV cache and without it (the
+    whole context every step), interleaved rep by rep in one process, medians. The CPU configs' shapes
+    with random weights (and the *_182m ones on a GPU), or the checkpoints of --ckpts.
 
 Legend: N tokens, E experts, K active, D model width, H hidden (dense: 4D, expert: 4D/K).
 """
@@ -39,8 +45,10 @@ import torch.nn as nn
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from corpora import DataError
-from data import dataset_folder, get_batch, load_split
+from data import dataset_folder, get_batch, get_tokenizer, load_split, resolve_tokenizer
 from experts import Experts, swiglu
+from model import GPT, GPTConfig
+from sample import generate
 
 REPO = Path(__file__).resolve().parent
 
@@ -270,8 +278,60 @@ def bench_checkpoints(runs, args, device):
             for name, sec in t.items() if name != ref]
 
 
-def print_table(rows, title):
-    header = ('bench', 'shape / config', 'backend', 'mode', 'moe / dense', 'ratio', 'memory MB or MFU (moe / dense)')
+def config_model(name):
+    """The GPT of configs/<name>.py with random weights, its vocabulary that of the config's dataset."""
+    scope = {}
+    exec((REPO / 'configs' / f'{name}.py').read_text(), {}, scope)
+    n_vocab = get_tokenizer(resolve_tokenizer(scope['dataset'], scope.get('tokenizer', ''))).n_vocab
+    args = {f: scope[f] for f in GPTConfig.__dataclass_fields__ if f in scope}
+    return GPT(GPTConfig(**args, vocab_size=64 * -(-n_vocab // 64)))
+
+
+def sample_models(args, device):
+    """{name: model} for --sample: the checkpoints of --ckpts, else every config's shape (the *_182m
+    ones on a GPU only)."""
+    torch.manual_seed(0)
+    if args.ckpts:
+        models = {}
+        for path in args.ckpts.split(','):
+            path = Path(path) / 'ckpt.pt' if Path(path).is_dir() else Path(path)
+            models[path.parent.name] = model_from_checkpoint(load_checkpoint(path, device))
+        return models
+    names = [c.stem for c in sorted((REPO / 'configs').glob('*.py'))]
+    if device.type != 'cuda':
+        print(f"--sample: the *_182m shapes are skipped on a CPU (a GPU runs them): "
+              f"{', '.join(n for n in names if n.endswith('_182m'))}", file=sys.stderr)
+        names = [n for n in names if not n.endswith('_182m')]
+    return {name: config_model(name) for name in names}
+
+
+def bench_sampling(models, args, device):
+    """(d): rows of tokens/s with the KV cache and without it, for one sample of args.new_tokens."""
+    rows = []
+    for name, model in models.items():
+        model.to(device).eval()
+        idx = torch.zeros(1, 1, dtype=torch.long, device=device)  # one token, as sample.py's default '\n'
+
+        def draw(kv_cache, n=args.new_tokens, model=model, idx=idx):
+            torch.manual_seed(0)
+            generate(model, idx, n, temperature=0.8, top_k=200, kv_cache=kv_cache)
+            sync(device)
+        draw(True, 8), draw(False, 8)  # warm-up
+        t = time_interleaved({'cache': lambda: draw(True), 'no cache': lambda: draw(False)}, args.reps,
+                             warmup=0)
+        new = args.new_tokens
+        rows.append(('sample tok/s', name, f'{model.num_params(active=True) / 1e6:.2f}M active',
+                     f'{new} new tokens', f'{new / t["cache"]:,.0f} / {new / t["no cache"]:,.0f}',
+                     t['no cache'] / t['cache'], f'{1e3 * t["cache"] / new:.2f} / {1e3 * t["no cache"] / new:.2f} ms'))
+        print(f'  done sampling {name}', file=sys.stderr)
+    return rows
+
+
+HEADER = ('bench', 'shape / config', 'backend', 'mode', 'moe / dense', 'ratio', 'memory MB or MFU (moe / dense)')
+SAMPLE_HEADER = ('bench', 'config', 'parameters', 'tokens', 'cache / no cache tok/s', 'speed-up', 'per token')
+
+
+def print_table(rows, title, header=HEADER):
     table = [header] + [(*r[:5], f'{r[5]:.2f}', r[6]) for r in rows]
     widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
     print(title)
@@ -289,7 +349,7 @@ def main():
     p.add_argument('--Ek', default='8,2;8,1;64,8', help='(E, K) pairs: "E,K;E,K"')
     p.add_argument('--backends', default='', help="default: loop,grouped (+ triton on CUDA)")
     p.add_argument('--modes', default='eager,compiled')
-    p.add_argument('--reps', type=int, default=10)
+    p.add_argument('--reps', type=int, default=0, help='timed repetitions (default 10; --sample: 3)')
     p.add_argument('--uniform', action='store_true', help='forced-uniform routing (kernel speed without imbalance)')
     p.add_argument('--e2e', default='', help="configs to train against dense; default: the small ones; 'none' skips")
     p.add_argument('--iters', type=int, default=8, help='training iterations per end-to-end run')
@@ -297,14 +357,28 @@ def main():
                                                "the first one's (compiled, interleaved)")
     p.add_argument('--peer', action='store_true',
                    help="add the transformers Mixtral block (its eager loop and grouped_mm) to the layer rows")
+    p.add_argument('--sample', action='store_true',
+                   help='only sampling: tokens/s with and without the KV cache (of --ckpts, else of every config)')
+    p.add_argument('--new_tokens', type=int, default=500, help='--sample: tokens generated per repetition')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
+    args.reps = args.reps or (3 if args.sample else 10)
     if args.peer:
         try:
             import transformers  # noqa: F401
         except ImportError:
             sys.exit("error: --peer needs the transformers package (pip install transformers); it is optional")
     device = torch.device(args.device)
+    if args.sample:
+        try:
+            models = sample_models(args, device)
+        except (CheckpointError, DataError) as e:
+            sys.exit(f'error: {e}')
+        print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+              f"{torch.get_num_threads()} threads, fp32, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+        print_table(bench_sampling(models, args, device), 'speed-up = tokens/s with the KV cache / without it',
+                    SAMPLE_HEADER)
+        return
     try:
         runs = load_runs(args.ckpts.split(','), device) if args.ckpts else {}
     except (CheckpointError, DataError) as e:

@@ -41,7 +41,7 @@ class GPTConfig:
     rmoe_dim: int = 128  # RMoE: width p of the projector and of the GRU state
     rmoe_flow: str = 'pass'  # RMoE Table 5: 'pass' (RMoE), 'detach' (h_{i-1} detached), 'none' (NP: h_0 everywhere)
     rmoe_init: str = 'normal'  # RMoE: 'normal' (init_std, no biases) or 'torch' (PyTorch's own, biases: the paper's code)
-    expert_impl: str = 'auto'  # 'loop' (reference), 'grouped', 'auto'
+    expert_impl: str = 'auto'  # 'loop' (reference), 'grouped', 'triton' (CUDA), 'auto' (triton on CUDA, else grouped)
     expert_granularity: int = 1  # G: E*G experts of hidden H/G, K*G active (same parameters)
     n_shared_expert: int = 0  # always-on experts per MoE layer beside the routed ones (DeepSeekMoE), each of hidden H/G
     capacity_factor: float = 0.0  # topk/prototype: slots per expert = cf * K * N / E; 0 = dropless
@@ -152,18 +152,23 @@ def apply_rope(x, cos, sin):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.layer = config.n_head, layer  # layer: its slot in a KVCache (sample.py)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         B, T, D = x.shape
         q, k, v = self.c_attn(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, nh, T, hs]
+        if cache is not None:  # generating: attend to the cached positions too
+            k, v = cache.append(self.layer, k, v)  # [B, nh, pos + T, hs]
+        # causal; one new position (T = 1, a cached step) sees every key, and a prefill starts at 0.
+        # (`if`, not `T > 1` as the argument: torch.compile may make T a symbol, and sdpa wants a bool)
+        causal = True if cache is None or T > 1 else False
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, nh, T, hs]
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, D))
 
 
@@ -207,12 +212,12 @@ class Block(nn.Module):
     def __init__(self, config, layer, gru=None):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MoE(config, gru) if config.is_moe(layer) else MLP(config.n_embd, config.ffn_hidden)
 
-    def forward(self, x, cos, sin, state):
-        x = x + self.attn(self.ln_1(x), cos, sin)
+    def forward(self, x, cos, sin, state, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
         if isinstance(self.mlp, MoE):
             y, aux_loss, stats, state = self.mlp(self.ln_2(x), state)
         else:  # no aux loss, no routing stats
@@ -299,21 +304,26 @@ class GPT(nn.Module):
         routers = self.routers()
         return routers[0].log_state().get('lambda') if routers else None
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """idx [B, T] token ids -> logits, loss (lm + aux, None without targets), info (dict of tensors).
 
         info holds 'lm_loss', 'aux_loss' and, for each router statistic, a tensor stacked over the
         MoE layers (e.g. 'load' [L_moe, E]), so that one compiled graph returns everything logged.
+        cache: sample.KVCache when generating; idx are then the positions after the cache's `pos`.
         """
         B, T = idx.shape
-        assert T <= self.config.block_size, f"sequence length {T} > block_size {self.config.block_size}"
+        pos = cache.pos if cache is not None else 0  # the position of idx[:, 0]
+        assert pos + T <= self.config.block_size, f"sequence length {pos + T} > block_size {self.config.block_size}"
         x = self.transformer.wte(idx)  # [B, T, D]
-        aux_losses, stats, state = [], [], None
+        cos, sin = self.rope_cos[pos:], self.rope_sin[pos:]  # RoPE angles from position pos on
+        aux_losses, stats, state = [], [], None  # state: RMoE's, from layer to layer of each position
         for block in self.transformer.h:
-            x, layer_aux, layer_stats, state = block(x, self.rope_cos, self.rope_sin, state)
+            x, layer_aux, layer_stats, state = block(x, cos, sin, state, cache)
             if layer_aux is not None:  # an MoE block
                 aux_losses.append(layer_aux)
                 stats.append(layer_stats)
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
         info = {k: torch.stack([s[k] for s in stats]) for k in (stats[0] if stats else {})}
         if targets is None:  # inference: only the last position's logits are needed
@@ -356,26 +366,6 @@ class GPT(nn.Module):
         tokens = batch_size * c.block_size
         activations = tokens * (34 * c.n_layer * c.n_embd + 2 * c.vocab_size) * bytes_per_value
         return 16 * self.num_params() + activations
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
-        """Extend idx [B, T] by max_new_tokens sampled tokens (the model should be in eval mode).
-        n_vocab: the tokenizer's vocabulary; the ids above it, padding that rounds the embedding up
-        to a multiple of 64 (GPT-2's 50257 -> 50304), are never sampled."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _, _ = self(idx_cond)
-            logits = logits[:, -1, :n_vocab or self.config.vocab_size].float()
-            if temperature == 0:  # greedy
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float('inf')
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
 
 
 def device_peak_flops(device):

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from experts import swiglu
+import sample
 from model import GPT, MLP, GPTConfig, MoE
 from routers import make_router
 from conftest import read_log, regression_steps, train
@@ -97,7 +98,7 @@ def test_bias_survives_checkpoints_casts_and_eval():
     assert bias.sum(-1).abs().max() < 1e-9  # zero-mean
     idx = torch.randint(0, 32, (2, 8))
     model.eval()
-    model.generate(idx[:, :2], 3)
+    sample.generate(model, idx[:, :2], 3)
     model.train()
     model(idx, idx)[1].backward()
     assert torch.equal(torch.stack([r.bias for r in model.routers()]), bias)  # only update_routers moves it

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from lab import analysis
 from conftest import REPO, regression_steps, run
+import sample
 from model import GPT, MoE, GPTConfig
 from routers import remoe_l1
 
@@ -178,7 +179,7 @@ def test_remoe_lambda_survives_checkpoints_casts_and_eval():
     idx = torch.randint(0, 32, (2, 8))
     model.eval()
     model(idx, idx)
-    model.generate(idx[:, :2], 3)
+    sample.generate(model, idx[:, :2], 3)
     model.train()
     model(idx, idx)
     assert model.router_lambda() == lam  # only update_routers moves λ

@@ -143,19 +143,6 @@ def test_val_loss_per_domain(tmp_path, monkeypatch):
     assert evals[-1]['val_loss_per_domain']['code'] < evals[0]['val_loss_per_domain']['code']
 
 
-def test_generate_never_samples_padding_ids():
-    """GPT-2's 50257 ids padded to 50304: with the padding ids made the likeliest, sampling with the
-    tokenizer's n_vocab still draws real ids only."""
-    from model import GPT, GPTConfig
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, ffn_hidden=8, moe_every=0, block_size=8, vocab_size=128))
-    with torch.no_grad():
-        model.lm_head.weight[100:] = 10.0  # ids 100..127 dominate every logit
-    out = model.eval().generate(torch.zeros(4, 1, dtype=torch.long), 20, n_vocab=100)
-    assert out.max().item() < 100
-    assert model.generate(torch.zeros(4, 1, dtype=torch.long), 20).max().item() >= 100  # without it, padding
-
-
 def test_compiled_training_matches_eager(tmp_path, data_dir):
     """The real entry point with compile=True (fullgraph: a graph break would raise) gives the
     losses of the eager run."""

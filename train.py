@@ -250,7 +250,8 @@ while True:
     if stop.agreed(dist):  # every rank stops at the same step, whichever ranks got the signal
         saver.save(iter_num, best_val_loss, diverging=skipped > 0, stopping=True)
         break
-    final = last or eval_only  # the run's score: every val token once (evaluate.py says why)
+    # the run's score, every val token once (evaluate.py says why); max_iters=0 only checks that a config starts
+    final = (last and iter_num > 0) or eval_only
     if iter_num % eval_interval == 0 or final:
         losses = estimate_loss(model, batches, eval_iters, ctx, dist)
         if final:
