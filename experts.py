@@ -155,9 +155,11 @@ def _experts_forward(x, token, g, w_in, w_out, offs, expert_major):
     # and dispatch (about 3 us a call) is a visible share of the layer
     M, H, rows = len(token), w_out.size(1), _expert_rows(offs)
     y, h, o = x.new_zeros(x.shape), x.new_empty(M, 2 * H), x.new_empty(M, x.size(1))
-    for t_e, g_e, h_e, hg_e, hu_e, o_e, w_in_e, w_out_e in zip(
-            token.split(rows), g[:, None].split(rows), h.split(rows), h[:, :H].split(rows), h[:, H:].split(rows),
+    for n_e, t_e, g_e, h_e, hg_e, hu_e, o_e, w_in_e, w_out_e in zip(
+            rows, token.split(rows), g[:, None].split(rows), h.split(rows), h[:, :H].split(rows), h[:, H:].split(rows),
             o.split(rows), w_in.unbind(0), w_out.unbind(0)):
+        if n_e == 0:  # nothing to do: generating one token leaves E - K of the experts idle
+            continue
         torch.mm(x.index_select(0, t_e), w_in_e, out=h_e)                    # [M_e, 2H], in place in h
         torch.mm(F.silu(hg_e).mul_(hu_e), w_out_e, out=o_e)                  # swiglu(h_e) @ w_out[e]
         y.index_add_(0, t_e, o_e * g_e)             # a token meets an expert once: no clashes inside
