@@ -3,7 +3,6 @@ Sample text from a trained checkpoint.
 
     python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=200 --seed=7
-    python sample.py --num_samples=1 --max_new_tokens=20000 --compile   # long samples: compiled steps
 
 One sample is printed as it is generated; several are printed at the end. Tokens/s go to stderr.
 generate() keeps a KV cache (KVCache): the prompt runs through the model once, then one position
@@ -141,8 +140,7 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=1337)
     p.add_argument('--device', default='', help="'' = cuda if available, else cpu")
     p.add_argument('--compile', action='store_true',
-                   help='torch.compile the model: faster tokens after a compilation of a minute or more, '
-                        'so for long samples only (README: Benchmarks)')
+                   help='torch.compile the model first (four graphs, minutes on a CPU; README: Sampling)')
     args = p.parse_args(argv)
 
     def die(msg):
