@@ -245,6 +245,19 @@ def test_bakeoff_end_to_end(tmp_path):
     one_line_error(lab(tmp_path, *args, env=env, ok=False), 'pip install matplotlib, or pass --no_plots')
     assert 'done before' in lab(tmp_path, *args, '--no_plots', env=env).stdout
 
+    # --jobs=2: both runs at once, one thread each; the same runs, scored alike (up to the rounding of
+    # another thread count), and a failing run still stops the bake-off with its one line
+    two = lab(tmp_path, *[a.replace('--name=t', '--name=t2') for a in args], '--no_plots', '--jobs=2')
+    assert two.stdout.count(': training') == 2 and '[2/2] remoe-s1337: val loss' in two.stdout
+    for label in ('topk', 'remoe'):
+        got, want = (analysis.final_score(analysis.read_log(tmp_path / 'results' / name / 'runs' / f'{label}-s1337'))
+                     for name in ('t2', 't'))
+        assert abs(got['val_loss'] - want['val_loss']) < 1e-3 and got['val_tokens'] == want['val_tokens']
+    failing = lab(tmp_path, *args[1:], '--runs=topk,bad:remoe+learning_rate=1e6+grad_clip=0+max_iters=40',
+                  '--name=t3', '--no_plots', '--jobs=2', ok=False)  # the dry run passes (no step), training diverges
+    one_line_error(failing, 'bad-s1337 stopped (exit code 4): error: training diverged')
+    assert '[1/2] topk-s1337: val loss' in failing.stdout  # the run beside it finished
+
 
 def test_report_kinds_name_router_balance_and_shared_experts():
     report = pytest.importorskip('lab.report')
