@@ -79,6 +79,9 @@ aux_loss_coef = 0.01  # Switch load-balancing loss (topk, prototype with balance
 bias_update_rate = 1e-3  # balance='bias': the bias step per optimizer step
 z_loss_coef = 0.0  # router z-loss
 router_renorm = False  # topk/prototype: renormalise the kept gates to sum to 1
+score = 'softmax'  # topk/prototype: 'softmax' or 'sigmoid' (DeepSeek-V3: an independent sigmoid per expert)
+route_scale = 1.0  # topk/prototype: multiplies the kept gates (DeepSeek-V3's routed_scaling_factor: 2.5)
+seq_aux_coef = 0.0  # topk/prototype: DeepSeek-V3's sequence-wise balance loss α (1e-4 there), any balance
 remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
 remoe_alpha = 1.2  # ReMoE: multiplicative step of the coefficient
 remoe_lambda_floor = False  # ReMoE: λ never falls below remoe_lambda0 (not in the paper; configs/remoe.py)
