@@ -58,6 +58,8 @@ class GPTConfig:
     score: str = 'softmax'  # topk/prototype: 'softmax' or 'sigmoid' (DeepSeek-V3: one sigmoid per expert)
     route_scale: float = 1.0  # topk/prototype: multiplies the kept gates (DeepSeek-V3's routed_scaling_factor)
     seq_aux_coef: float = 0.0  # topk/prototype: DeepSeek-V3's sequence-wise balance loss α, per MoE layer
+    dense_grad: bool = False  # topk: Default MoE's dense router gradient (unchosen experts: an EMA of their output)
+    dense_grad_beta: float = 0.9  # dense_grad: the EMA's decay per optimizer step
     remoe_lambda0: float = 1e-8  # ReMoE: initial L1 coefficient λ (paper default)
     remoe_alpha: float = 1.2  # ReMoE: λ's multiplicative step (paper default)
     remoe_lambda_floor: bool = False  # ReMoE: λ never falls below remoe_lambda0 (see ReMoERouter.update)
@@ -133,12 +135,20 @@ class GPTConfig:
             if self.balance != 'aux':
                 raise ValueError(f"balance={self.balance!r} with router='remoe' is invalid: ReMoE balances through "
                                  f"its load-weighted L1 (eq. 10-11); bias balancing is for topk and prototype")
+            if self.dense_grad:
+                raise ValueError("dense_grad=True with router='remoe' is invalid: ReLU routing has no unchosen "
+                                 "probabilities to give a gradient (every gate is already continuous); use router='topk'")
             if self.score != 'softmax':
                 raise ValueError(f"score={self.score!r} with router='remoe' is invalid: ReLU routing has no scores "
                                  f"to choose from (its gates are relu(x W)); use router='topk' for sigmoid scoring")
             if not (self.remoe_alpha > 1 and self.remoe_lambda0 > 0):
                 raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 and "
                                  f"remoe_lambda0={self.remoe_lambda0} > 0")
+        if self.dense_grad and self.router != 'topk':
+            raise ValueError(f"dense_grad=True with router={self.router!r} is not implemented: Default MoE is "
+                             f"written for router='topk'")
+        if not 0 <= self.dense_grad_beta < 1:
+            raise ValueError(f"dense_grad_beta={self.dense_grad_beta} must be in [0, 1) (the EMA's decay per step)")
         if self.router == 'prototype' and self.n_expert % self.top_k:
             raise ValueError(f"router='prototype' needs top_k={self.top_k} groups to divide "
                              f"n_expert={self.n_expert}")
@@ -215,7 +225,12 @@ class MoE(nn.Module):
         x = x.view(B * T, D)
         # T: the sequence-wise balance loss needs the sequences (T varies when generating)
         gates, aux_loss, stats, state = self.router(x, state, seq_len=T)  # gates: [N, E]
-        y = self.experts(x, gates)  # [N, D]
+        if self.router.dense_grad:  # Default MoE (TopKRouter): the EMA's data out, its defaults in
+            y, stats['expert_sum'] = self.experts(x, gates, sums=True)  # [N, D], [E, D] fp32
+            stats['expert_count'] = (gates > 0).sum(0).float()  # [E] the tokens each expert ran
+            y = y + stats.pop('default_out').to(y.dtype)
+        else:
+            y = self.experts(x, gates)  # [N, D]
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D), aux_loss, stats, state
@@ -291,16 +306,21 @@ class GPT(nn.Module):
         return n
 
     @torch.no_grad()
-    def update_routers(self, load):
+    def update_routers(self, load, expert_sum=None, expert_count=None):
         """Once per optimizer step: routers that adapt online (ReMoE's λ, the balancing bias) see
         load [L_moe, E], the fraction of tokens that chose each expert, measured over that step's
         training forwards and averaged over micro-steps and ranks (info['load'] of each forward).
-        ReMoE's sparsity (eq. 8) is the fraction of zero gates over all MoE layers: 1 - mean load."""
+        ReMoE's sparsity (eq. 8) is the fraction of zero gates over all MoE layers: 1 - mean load.
+        Default MoE (dense_grad): expert_sum [L_moe, E, D] and expert_count [L_moe, E], info's
+        'expert_sum' and 'expert_count' summed (not averaged) over micro-steps and ranks."""
         routers = self.routers()
         assert load.shape == (len(routers), self.config.moe_shape()[0]), f"load {tuple(load.shape)}: [L_moe, E]"
         sparsity = 1 - load.float().mean()
         for router, layer_load in zip(routers, load.float()):
             router.update(sparsity, layer_load)
+        if expert_sum is not None:
+            for router, layer_sum, layer_count in zip(routers, expert_sum, expert_count):
+                router.update_defaults(layer_sum, layer_count)
 
     def routers(self):
         """The router of every MoE layer, in order."""

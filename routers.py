@@ -21,6 +21,7 @@ The softmax routers (topk, prototype) also choose how their load is balanced (`b
 selection only, nudged after every optimizer step) or 'none'. ReMoE balances through its L1.
 They score experts with a softmax or, as DeepSeek-V3 does, an independent sigmoid per expert
 (`score`), and may add DeepSeek-V3's sequence-wise balance loss (`seq_aux_coef`) to any balance.
+Top-k may also give its router a dense gradient (`dense_grad`, Default MoE: see TopKRouter).
 
 Legend for shape comments: N tokens, E experts, K active experts per token, D model width,
 p RMoE's recurrent width, m = E/K experts per prototype group.
@@ -130,7 +131,8 @@ def log_record(info):
         'router_entropy': r(info['entropy'].float()),
         'gate_sum': r(info['gate_sum'].float()),  # mean sum of a token's gates: the MoE output's scale
         **{name: r(info[key].float()) for name, key in (('router_logit_std', 'logit_std'),
-                                                        ('kept_prob', 'kept_prob'), ('top1_top2', 'top1_top2'))
+                                                        ('kept_prob', 'kept_prob'), ('top1_top2', 'top1_top2'),
+                                                        ('default_norm', 'ema_norm'))
            if key in info},  # RMoE Table 8's OB (kept_prob) and IB (top1_top2), softmax routers only
         'dropped': r(info['dropped'].float()),
         **({'bias_spread': r(info['bias_spread'].float()), 'bias': [r(layer) for layer in info['bias'].float()]}
@@ -159,6 +161,11 @@ class Router(nn.Module):
             # an fp32 buffer outside autograd, like ReMoE's λ: checkpointed, moved only by update()
             self.register_buffer('bias', torch.zeros(self.n_expert, dtype=torch.float32))
             self.bias_update_rate = config.bias_update_rate
+        self.dense_grad = config.dense_grad
+        if self.dense_grad:  # Default MoE: each expert's output, averaged over training (TopKRouter)
+            # an fp32 buffer outside autograd, like the bias: checkpointed, moved only by update_defaults()
+            self.register_buffer('expert_ema', torch.zeros(self.n_expert, config.n_embd, dtype=torch.float32))
+            self.ema_beta = config.dense_grad_beta
         if config.recurrent_router:  # RMoE eq. 4-6
             # rmoe_init='torch' is the paper's enwik8 code: PyTorch's own init and biases on both linears
             bias = config.rmoe_init == 'torch'
@@ -271,6 +278,16 @@ class Router(nn.Module):
             # without bound, spending fp32 precision beside probabilities of ~0.1.
             self.bias.sub_(self.bias.mean())
 
+    @torch.no_grad()
+    def update_defaults(self, expert_sum, expert_count):
+        """Default MoE, once per optimizer step: expert_sum [E, D], each expert's output summed over
+        the tokens it ran in that step's training forwards (all micro-steps and ranks), and
+        expert_count [E], how many tokens those were. EMA_e <- beta * EMA_e + (1 - beta) * sum_e / count_e
+        for every expert that ran; one that ran no token keeps its EMA (it has nothing new to say)."""
+        mean = expert_sum.float() / expert_count.float().clamp_min(1)[:, None]  # [E, D]
+        moved = self.ema_beta * self.expert_ema + (1 - self.ema_beta) * mean
+        self.expert_ema.copy_(torch.where(expert_count[:, None] > 0, moved, self.expert_ema))
+
     def log_state(self):
         """The router's online state for the training log that is the same in every layer
         (ReMoE's λ); {} for routers that keep none. Per-layer state goes in the forward's stats."""
@@ -292,6 +309,21 @@ class TopKRouter(Router):
     The kept probabilities are used as gates as they are by default, so with K = 1 the router
     still receives a language-model gradient (with renormalised top-1 it would get none); `router_renorm=True`
     rescales them to sum to 1 per token, as Mixtral does (and as the RMoE code does).
+
+    dense_grad=True is Default MoE (Panda et al., arXiv 2504.12463): only the chosen experts S_n
+    run, but the MoE output gets, for every expert a token did not choose, that expert's default
+    output, an EMA of its outputs over the tokens it did run:
+
+        y_n = sum_{e in S_n} w_ne FFN_e(x_n) + sum_{e not in S_n} w_ne EMA_e
+
+    with w_ne the weight each expert would have as a gate (its probability; its score divided by the
+    chosen scores' sum under router_renorm, times route_scale). So dL/dw_ne = <dy_n, EMA_e> for every
+    unchosen expert too: every router probability gets a gradient. EMA_e [D] is an fp32 buffer
+    outside autograd, moved once per optimizer step by update_defaults (beta = dense_grad_beta).
+    The paper's own equation numbers are not recorded in research/ROUTERS.md and were not checked
+    here; nor was its EMA rate, or whether it applies the EMA per forward rather than per step.
+    The forward returns the second sum as stats['default_out'] [N, D], which the MoE block adds to
+    the experts' output (and removes from the statistics): the experts still see only the gates.
     """
 
     def forward(self, x, state=None, seq_len=None):
@@ -305,6 +337,10 @@ class TopKRouter(Router):
         aux_loss = self.with_seq_loss(aux_loss, probs, gates, self.top_k, seq_len)
         stats = routing_stats(gates, probs, logits)
         self.add_bias_stats(stats)
+        if self.dense_grad:  # Default MoE (see the class docstring): the unchosen experts' weights
+            unchosen = self.gate_values(scores, top_s).scatter(1, top_i, 0.0)  # [N, E], zero where chosen
+            stats['default_out'] = unchosen @ self.expert_ema  # [N, D]
+            stats['ema_norm'] = self.expert_ema.norm(dim=-1).mean()  # the defaults' size, logged
         gates = self.drop_overflow(gates, top_i, top_p, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
 
