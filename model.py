@@ -135,18 +135,15 @@ class GPTConfig:
             if self.balance != 'aux':
                 raise ValueError(f"balance={self.balance!r} with router='remoe' is invalid: ReMoE balances through "
                                  f"its load-weighted L1 (eq. 10-11); bias balancing is for topk and prototype")
-            if self.dense_grad:
-                raise ValueError("dense_grad=True with router='remoe' is invalid: ReLU routing has no unchosen "
-                                 "probabilities to give a gradient (every gate is already continuous); use router='topk'")
             if self.score != 'softmax':
                 raise ValueError(f"score={self.score!r} with router='remoe' is invalid: ReLU routing has no scores "
                                  f"to choose from (its gates are relu(x W)); use router='topk' for sigmoid scoring")
             if not (self.remoe_alpha > 1 and self.remoe_lambda0 > 0):
                 raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 and "
                                  f"remoe_lambda0={self.remoe_lambda0} > 0")
-        if self.dense_grad and self.router != 'topk':
-            raise ValueError(f"dense_grad=True with router={self.router!r} is not implemented: Default MoE is "
-                             f"written for router='topk'")
+        if self.dense_grad and self.router != 'topk':  # ReLU gates have no unchosen probabilities to train
+            raise ValueError(f"dense_grad=True with router={self.router!r} is invalid: Default MoE is for "
+                             f"router='topk' (the unchosen of its top-k)")
         if not 0 <= self.dense_grad_beta < 1:
             raise ValueError(f"dense_grad_beta={self.dense_grad_beta} must be in [0, 1) (the EMA's decay per step)")
         if self.router == 'prototype' and self.n_expert % self.top_k:

@@ -293,7 +293,7 @@ def test_dense_grad_resumes_exactly(tmp_path, data_dir):
 
 @pytest.mark.parametrize('bad, needle', [
     (dict(router='remoe', dense_grad=True), "dense_grad=True with router='remoe' is invalid"),
-    (dict(router='prototype', dense_grad=True), "dense_grad=True with router='prototype' is not implemented"),
+    (dict(router='prototype', dense_grad=True), "dense_grad=True with router='prototype' is invalid"),
     (dict(dense_grad=True, dense_grad_beta=1.0), r'dense_grad_beta=1.0 must be in \[0, 1\)'),
 ])
 def test_bad_dense_grad_values_are_one_line_errors(bad, needle):

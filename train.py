@@ -299,7 +299,7 @@ while True:
     grad_norm = distributed.clip_grad_norm_(raw_model, grad_clip, dist).item()
     load = distributed.all_reduce_mean(load, dist)  # the global load: all micro-steps, all ranks
     if dense_grad:  # every rank's tokens: the same EMA everywhere
-        expert_sum, expert_count = distributed.all_reduce_sum(expert_sum, dist), distributed.all_reduce_sum(expert_count, dist)
+        expert_sum, expert_count = (distributed.all_reduce_sum(t, dist) for t in (expert_sum, expert_count))
     if math.isfinite(grad_norm) or scaler.is_enabled():  # float16: the scaler skips such steps itself
         skipped = 0
         scaler.step(optimizer)
