@@ -210,7 +210,7 @@ class ExpertParallelExperts(nn.Module):
         self.w_in = nn.Parameter(full.w_in.detach()[lo:lo + self.n_local].clone())    # [E_l, D, 2H]
         self.w_out = nn.Parameter(full.w_out.detach()[lo:lo + self.n_local].clone())  # [E_l, H, D]
 
-    def forward(self, x, gates):
+    def forward(self, x, gates, sums=False):
         P, E_l = self.ep_size, self.n_local
         # 1. the active pairs, sorted by expert and so by owner rank (expert // E_l), then token
         (expert, token), send_counts = routed_pairs(gates)                      # [M], [M], [E] = [P * E_l]
@@ -233,7 +233,12 @@ class ExpertParallelExperts(nn.Module):
         out = AllToAll.apply(out, send_splits, recv_splits, self.d)              # [M, D]
         # 6. combine: y_n = sum_e gates[n, e] * FFN_e(x_n); dL/dgates[n, e] = <dy_n, FFN_e(x_n)>
         gated = gates[token, expert].unsqueeze(1) * out                          # [M, D]
-        return torch.zeros_like(x).index_add_(0, token, gated.to(x.dtype))
+        y = torch.zeros_like(x).index_add_(0, token, gated.to(x.dtype))
+        if not sums:
+            return y
+        # Default MoE's EMA: each expert's output summed over this rank's tokens, as Experts gives it
+        expert_sums = out.new_zeros(self.n_expert, out.size(1), dtype=torch.float32)
+        return y, expert_sums.index_add_(0, expert, out.detach().float())       # [E, D]
 
     def extra_repr(self):
         E_l, D, H2 = self.w_in.shape

@@ -84,15 +84,18 @@ def resolve_impl(impl: str, device_type: str) -> str:
 def _loop_ffn(x, gates, w_in, w_out):
     """One gather -> FFN -> weighted scatter per expert; plain autograd does the backward.
     Eager only: nonzero() gives each expert a data-dependent token count, which
-    torch.compile(fullgraph=True) cannot trace. Use 'grouped' under compile."""
+    torch.compile(fullgraph=True) cannot trace. Use 'grouped' under compile.
+    Also returns each expert's output summed over its tokens, [E, D] fp32, without gradient."""
     y = torch.zeros_like(x)                                  # [N, D]
+    sums = []
     for e in range(gates.size(1)):
         token = gates[:, e].nonzero().squeeze(1)             # [M_e] tokens routed to expert e
         h = x[token] @ w_in[e]                               # [M_e, 2H]
         o = swiglu(h) @ w_out[e]                             # [M_e, D]
         # gathering only the active gates is what makes an inactive gate's gradient exactly 0
         y.index_add_(0, token, (gates[token, e, None] * o).to(y.dtype))
-    return y
+        sums.append(o.detach().float().sum(0))               # [D]
+    return y, torch.stack(sums)
 
 # -----------------------------------------------------------------------------
 # grouped: sorted pairs + F.grouped_mm, as registered custom ops
@@ -365,11 +368,23 @@ register_ffn_autograd(triton_ffn, triton_ffn_backward)
 # -----------------------------------------------------------------------------
 
 
-def moe_ffn(x, gates, w_in, w_out, impl: str):
+def expert_output_sums(expert, h, w_out):
+    """sum_{pairs of e} FFN_e(x_n) for every expert e: [E, D] in fp32, outside autograd (Default MoE's
+    EMA, routers.py). From what the custom ops already hand out, pairs' experts [M] and h [M, 2H]: the
+    output projection is linear, so an expert's summed output is its summed activations swiglu(h)
+    times w_out[e]. Nothing the experts compute changes, and no [M, D] pass is added."""
+    a = swiglu(h.detach()).float()                                           # [M, H]
+    per_expert = a.new_zeros(w_out.size(0), a.size(1)).index_add_(0, expert, a)  # [E, H]
+    return torch.bmm(per_expert[:, None], w_out.detach().float())[:, 0]      # [E, D]
+
+
+def moe_ffn(x, gates, w_in, w_out, impl: str, sums: bool = False):
     """y [N, D] = sum_e gates[:, e] * FFN_e(x), x [N, D], gates [N, E], w_in [E, D, 2H], w_out [E, H, D].
-    impl is a resolved backend name ('loop', 'grouped' or 'triton'), see resolve_impl."""
+    impl is a resolved backend name ('loop', 'grouped' or 'triton'), see resolve_impl.
+    sums=True: (y, [E, D]) with each expert's output summed over its tokens, fp32, no gradient."""
     if impl == 'loop':
-        return _loop_ffn(x, gates, w_in, w_out)
+        y, expert_sums = _loop_ffn(x, gates, w_in, w_out)
+        return (y, expert_sums) if sums else y
     if impl in ('grouped', 'triton'):
         # Why a custom op: the pair count M depends on the routing, and torch.compile can't trace
         # grouped_mm's fp32 fake kernel (its meta accepts bf16 only) nor take new shapes every step
@@ -377,7 +392,9 @@ def moe_ffn(x, gates, w_in, w_out, impl: str):
         # once with fullgraph=True. Autocast does not reach inside custom ops, so apply it here.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return (grouped_ffn if impl == 'grouped' else triton_ffn)(x, gates, w_in, w_out)[0]
+        out = (grouped_ffn if impl == 'grouped' else triton_ffn)(x, gates, w_in, w_out)
+        y, pairs, h = out[0], out[1], out[3 if impl == 'grouped' else 5]
+        return (y, expert_output_sums(pairs[0], h, w_out)) if sums else y
     raise ValueError(f"moe_ffn impl={impl!r} is not a resolved backend (loop, grouped, triton)")
 
 
@@ -394,9 +411,9 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, mean=0.0, std=init_std)
         nn.init.normal_(self.w_out, mean=0.0, std=init_std)  # GPT scales it down: it writes the residual
 
-    def forward(self, x, gates):
-        """x [N, D], gates [N, E] -> y [N, D]."""
-        return moe_ffn(x, gates, self.w_in, self.w_out, resolve_impl(self.impl, x.device.type))
+    def forward(self, x, gates, sums=False):
+        """x [N, D], gates [N, E] -> y [N, D] (sums=True: and each expert's summed output [E, D])."""
+        return moe_ffn(x, gates, self.w_in, self.w_out, resolve_impl(self.impl, x.device.type), sums)
 
     def extra_repr(self):
         E, D, H2 = self.w_in.shape

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experts import Experts, check_impl, swiglu
-from routers import BALANCES, RMOE_FLOWS, RMOE_INITS, ROUTERS, Router, log_record, make_router
+from routers import BALANCES, RMOE_FLOWS, RMOE_INITS, ROUTERS, SCORES, Router, log_record, make_router
 
 
 @dataclass
@@ -55,6 +55,11 @@ class GPTConfig:
     remoe_l1_reduction: str = 'mean'  # ReMoE's L1: 'mean' as the paper's eq. 9-10, 'sum' as its code
     #                                   (an L-fold larger λ·L_reg: settles ~log_α(L) steps earlier)
     router_renorm: bool = False  # topk/prototype: rescale the kept probabilities to sum to 1
+    score: str = 'softmax'  # topk/prototype: 'softmax' or 'sigmoid' (DeepSeek-V3: one sigmoid per expert)
+    route_scale: float = 1.0  # topk/prototype: multiplies the kept gates (DeepSeek-V3's routed_scaling_factor)
+    seq_aux_coef: float = 0.0  # topk/prototype: DeepSeek-V3's sequence-wise balance loss α, per MoE layer
+    dense_grad: bool = False  # topk: Default MoE's dense router gradient (unchosen experts: an EMA of their output)
+    dense_grad_beta: float = 0.9  # dense_grad: the EMA's decay per optimizer step
     remoe_lambda0: float = 1e-8  # ReMoE: initial L1 coefficient λ (paper default)
     remoe_alpha: float = 1.2  # ReMoE: λ's multiplicative step (paper default)
     remoe_lambda_floor: bool = False  # ReMoE: λ never falls below remoe_lambda0 (see ReMoERouter.update)
@@ -107,6 +112,12 @@ class GPTConfig:
             raise ValueError(f"n_shared_expert={self.n_shared_expert} must be >= 0")
         if self.balance not in BALANCES:
             raise ValueError(f"balance={self.balance!r} is not one of {', '.join(BALANCES)}")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} is not one of {', '.join(SCORES)}")
+        if not self.route_scale > 0:
+            raise ValueError(f"route_scale={self.route_scale} must be > 0 (it multiplies the gates; 1 = none)")
+        if self.seq_aux_coef < 0:
+            raise ValueError(f"seq_aux_coef={self.seq_aux_coef} must be >= 0 (0 = no sequence-wise loss)")
         if not self.bias_update_rate > 0:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} must be > 0")
         for name in ('aux_loss_reduction', 'remoe_l1_reduction'):
@@ -124,9 +135,17 @@ class GPTConfig:
             if self.balance != 'aux':
                 raise ValueError(f"balance={self.balance!r} with router='remoe' is invalid: ReMoE balances through "
                                  f"its load-weighted L1 (eq. 10-11); bias balancing is for topk and prototype")
+            if self.score != 'softmax':
+                raise ValueError(f"score={self.score!r} with router='remoe' is invalid: ReLU routing has no scores "
+                                 f"to choose from (its gates are relu(x W)); use router='topk' for sigmoid scoring")
             if not (self.remoe_alpha > 1 and self.remoe_lambda0 > 0):
                 raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 and "
                                  f"remoe_lambda0={self.remoe_lambda0} > 0")
+        if self.dense_grad and self.router != 'topk':  # ReLU gates have no unchosen probabilities to train
+            raise ValueError(f"dense_grad=True with router={self.router!r} is invalid: Default MoE is for "
+                             f"router='topk' (the unchosen of its top-k)")
+        if not 0 <= self.dense_grad_beta < 1:
+            raise ValueError(f"dense_grad_beta={self.dense_grad_beta} must be in [0, 1) (the EMA's decay per step)")
         if self.router == 'prototype' and self.n_expert % self.top_k:
             raise ValueError(f"router='prototype' needs top_k={self.top_k} groups to divide "
                              f"n_expert={self.n_expert}")
@@ -201,8 +220,14 @@ class MoE(nn.Module):
     def forward(self, x, state):
         B, T, D = x.shape
         x = x.view(B * T, D)
-        gates, aux_loss, stats, state = self.router(x, state)  # gates: [N, E]
-        y = self.experts(x, gates)  # [N, D]
+        # T: the sequence-wise balance loss needs the sequences (T varies when generating)
+        gates, aux_loss, stats, state = self.router(x, state, seq_len=T)  # gates: [N, E]
+        if self.router.dense_grad:  # Default MoE (TopKRouter): the EMA's data out, its defaults in
+            y, stats['expert_sum'] = self.experts(x, gates, sums=True)  # [N, D], [E, D] fp32
+            stats['expert_count'] = (gates > 0).sum(0).float()  # [E] the tokens each expert ran
+            y = y + stats.pop('default_out').to(y.dtype)
+        else:
+            y = self.experts(x, gates)  # [N, D]
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D), aux_loss, stats, state
@@ -278,16 +303,21 @@ class GPT(nn.Module):
         return n
 
     @torch.no_grad()
-    def update_routers(self, load):
+    def update_routers(self, load, expert_sum=None, expert_count=None):
         """Once per optimizer step: routers that adapt online (ReMoE's λ, the balancing bias) see
         load [L_moe, E], the fraction of tokens that chose each expert, measured over that step's
         training forwards and averaged over micro-steps and ranks (info['load'] of each forward).
-        ReMoE's sparsity (eq. 8) is the fraction of zero gates over all MoE layers: 1 - mean load."""
+        ReMoE's sparsity (eq. 8) is the fraction of zero gates over all MoE layers: 1 - mean load.
+        Default MoE (dense_grad): expert_sum [L_moe, E, D] and expert_count [L_moe, E], info's
+        'expert_sum' and 'expert_count' summed (not averaged) over micro-steps and ranks."""
         routers = self.routers()
         assert load.shape == (len(routers), self.config.moe_shape()[0]), f"load {tuple(load.shape)}: [L_moe, E]"
         sparsity = 1 - load.float().mean()
         for router, layer_load in zip(routers, load.float()):
             router.update(sparsity, layer_load)
+        if expert_sum is not None:
+            for router, layer_sum, layer_count in zip(routers, expert_sum, expert_count):
+                router.update_defaults(layer_sum, layer_count)
 
     def routers(self):
         """The router of every MoE layer, in order."""

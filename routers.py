@@ -19,6 +19,9 @@ A router is two choices:
 The softmax routers (topk, prototype) also choose how their load is balanced (`balance`): 'aux'
 (the Switch loss), 'bias' (DeepSeek's auxiliary-loss-free balancing: a per-expert bias that steers
 selection only, nudged after every optimizer step) or 'none'. ReMoE balances through its L1.
+They score experts with a softmax or, as DeepSeek-V3 does, an independent sigmoid per expert
+(`score`), and may add DeepSeek-V3's sequence-wise balance loss (`seq_aux_coef`) to any balance.
+Top-k may also give its router a dense gradient (`dense_grad`, Default MoE: see TopKRouter).
 
 Legend for shape comments: N tokens, E experts, K active experts per token, D model width,
 p RMoE's recurrent width, m = E/K experts per prototype group.
@@ -31,22 +34,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROUTERS = ('topk', 'remoe', 'prototype')
+SCORES = ('softmax', 'sigmoid')  # how topk and prototype turn logits into scores
 BALANCES = ('aux', 'bias', 'none')  # how topk and prototype balance their load
 RMOE_FLOWS = ('pass', 'detach', 'none')  # RMoE Table 5: what of h_{i-1} reaches layer i (Router.logits)
 RMOE_INITS = ('normal', 'torch')  # the recurrent router's init (GPT._init_weights)
 
 
-def switch_balance_loss(probs, gates, top_k):
+def switch_balance_loss(probs, gates, top_k, seq_len=None):
     """Switch Transformer eq. 4, generalised to top-k as in GShard / DeepSeekMoE.
 
     loss = E * sum_e f_e * P_e, with f_e the fraction of the N*K assignments that went to
     expert e (a count: no gradient) and P_e the mean router probability of e (differentiable).
-    Dividing the counts by N*K rather than N makes the minimum 1 (uniform routing) for every k.
+    Dividing the counts by N*K rather than N makes the value 1 under uniform routing for every k.
+
+    seq_len=T: DeepSeek-V3's sequence-wise balance loss (eq. 17-20), the same sum taken over each
+    sequence of T tokens and averaged over the N/T sequences. Its eq. 18, f_i = E/(K T) * (tokens of
+    the sequence choosing i), is E * f_e here; eq. 20's P_i = (1/T) sum_t s'_{i,t} is P_e, with
+    probs the scores normalised over the experts (eq. 19: s' = s / sum_j s). None: one sequence.
     """
     N, E = probs.shape
-    f = (gates > 0).sum(0).float() / (N * top_k)  # [E], detached by construction
-    P = probs.mean(0)  # [E]
-    return E * (f * P).sum()
+    T = N if seq_len is None else seq_len
+    f = (gates > 0).view(N // T, T, E).sum(1).float() / (T * top_k)  # [B, E], detached by construction
+    P = probs.view(N // T, T, E).mean(1)  # [B, E]
+    return E * (f * P).sum(-1).mean()
 
 
 def z_loss(logits):
@@ -121,7 +131,8 @@ def log_record(info):
         'router_entropy': r(info['entropy'].float()),
         'gate_sum': r(info['gate_sum'].float()),  # mean sum of a token's gates: the MoE output's scale
         **{name: r(info[key].float()) for name, key in (('router_logit_std', 'logit_std'),
-                                                        ('kept_prob', 'kept_prob'), ('top1_top2', 'top1_top2'))
+                                                        ('kept_prob', 'kept_prob'), ('top1_top2', 'top1_top2'),
+                                                        ('default_norm', 'ema_norm'))
            if key in info},  # RMoE Table 8's OB (kept_prob) and IB (top1_top2), softmax routers only
         'dropped': r(info['dropped'].float()),
         **({'bias_spread': r(info['bias_spread'].float()), 'bias': [r(layer) for layer in info['bias'].float()]}
@@ -138,15 +149,23 @@ class Router(nn.Module):
         self.n_moe_layers = config.n_moe_layers()
         self.capacity_factor = config.capacity_factor
         self.renorm = config.router_renorm
+        self.score = config.score
+        self.route_scale = config.route_scale
         # the model sums every MoE layer's aux loss; 'mean' turns that sum into an average
         layers = 1 / self.n_moe_layers if config.aux_loss_reduction == 'mean' else 1.0
         self.aux_loss_coef = config.aux_loss_coef * layers
         self.z_loss_coef = config.z_loss_coef * layers
+        self.seq_aux_coef = config.seq_aux_coef * layers
         self.balance = config.balance
         if self.balance == 'bias':  # auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664)
             # an fp32 buffer outside autograd, like ReMoE's λ: checkpointed, moved only by update()
             self.register_buffer('bias', torch.zeros(self.n_expert, dtype=torch.float32))
             self.bias_update_rate = config.bias_update_rate
+        self.dense_grad = config.dense_grad
+        if self.dense_grad:  # Default MoE: each expert's output, averaged over training (TopKRouter)
+            # an fp32 buffer outside autograd, like the bias: checkpointed, moved only by update_defaults()
+            self.register_buffer('expert_ema', torch.zeros(self.n_expert, config.n_embd, dtype=torch.float32))
+            self.ema_beta = config.dense_grad_beta
         if config.recurrent_router:  # RMoE eq. 4-6
             # rmoe_init='torch' is the paper's enwik8 code: PyTorch's own init and biases on both linears
             bias = config.rmoe_init == 'torch'
@@ -195,6 +214,26 @@ class Router(nn.Module):
         stats['dropped'] = gates.new_zeros(())
         return gates
 
+    def scores(self, logits):
+        """Logits -> (scores, probs), over the last dim (all E experts, or one prototype group).
+        'softmax': both are the softmax. 'sigmoid' (DeepSeek-V3 eq. 15): s = sigmoid(u_t . e_i), each
+        expert scored on its own; the gates are read from s, while the balance losses and the logged
+        entropy see probs = s normalised over the experts (DeepSeek-V3 eq. 19), a distribution."""
+        if self.score == 'softmax':
+            probs = logits.softmax(dim=-1)
+            return probs, probs
+        s = logits.sigmoid()
+        return s, s / s.sum(dim=-1, keepdim=True)
+
+    def gate_values(self, s, top_s):
+        """Scores s -> gate values: times route_scale, and first over the kept scores' sum top_s
+        [N, K] under router_renorm (DeepSeek-V3 eq. 13 renormalises the selected sigmoid scores to
+        sum to 1, then scales them by its routed_scaling_factor). s: the kept scores top_s
+        themselves, or any scores of the same tokens ([N, E]: Default MoE's unchosen experts)."""
+        if self.renorm:
+            s = s / top_s.sum(dim=-1, keepdim=True)
+        return s * self.route_scale
+
     def selection_scores(self, probs):
         """What top-k (top-1 per group) ranks: the probabilities, plus the balancing bias under
         balance='bias' (2408.15664 eq. 3). Only the choice of experts sees the bias: the gate values
@@ -211,6 +250,14 @@ class Router(nn.Module):
 
     def with_z_loss(self, aux_loss, logits):
         return aux_loss + self.z_loss_coef * z_loss(logits) if self.z_loss_coef > 0 else aux_loss
+
+    def with_seq_loss(self, aux_loss, probs, gates, top_k, seq_len):
+        """DeepSeek-V3's sequence-wise balance loss (eq. 17), added to whatever `balance` does: with
+        balance='bias' it is DeepSeek-V3's recipe, a tiny loss that only stops single sequences from
+        being extreme. seq_len None: x is one sequence."""
+        if self.seq_aux_coef == 0:
+            return aux_loss
+        return aux_loss + self.seq_aux_coef * switch_balance_loss(probs, gates, top_k, seq_len)
 
     def add_bias_stats(self, stats):
         if self.balance == 'bias':
@@ -230,6 +277,16 @@ class Router(nn.Module):
             # overloaded expert, seven underloaded: +6u a step), and an uncentred bias would drift
             # without bound, spending fp32 precision beside probabilities of ~0.1.
             self.bias.sub_(self.bias.mean())
+
+    @torch.no_grad()
+    def update_defaults(self, expert_sum, expert_count):
+        """Default MoE, once per optimizer step: expert_sum [E, D], each expert's output summed over
+        the tokens it ran in that step's training forwards (all micro-steps and ranks), and
+        expert_count [E], how many tokens those were. EMA_e <- beta * EMA_e + (1 - beta) * sum_e / count_e
+        for every expert that ran; one that ran no token keeps its EMA (it has nothing new to say)."""
+        mean = expert_sum.float() / expert_count.float().clamp_min(1)[:, None]  # [E, D]
+        moved = self.ema_beta * self.expert_ema + (1 - self.ema_beta) * mean
+        self.expert_ema.copy_(torch.where(expert_count[:, None] > 0, moved, self.expert_ema))
 
     def log_state(self):
         """The router's online state for the training log that is the same in every layer
@@ -252,19 +309,38 @@ class TopKRouter(Router):
     The kept probabilities are used as gates as they are by default, so with K = 1 the router
     still receives a language-model gradient (with renormalised top-1 it would get none); `router_renorm=True`
     rescales them to sum to 1 per token, as Mixtral does (and as the RMoE code does).
+
+    dense_grad=True is Default MoE (Panda et al., arXiv 2504.12463): only the chosen experts S_n
+    run, but the MoE output gets, for every expert a token did not choose, that expert's default
+    output, an EMA of its outputs over the tokens it did run:
+
+        y_n = sum_{e in S_n} w_ne FFN_e(x_n) + sum_{e not in S_n} w_ne EMA_e
+
+    with w_ne the weight each expert would have as a gate (its probability; its score divided by the
+    chosen scores' sum under router_renorm, times route_scale). So dL/dw_ne = <dy_n, EMA_e> for every
+    unchosen expert too: every router probability gets a gradient. EMA_e [D] is an fp32 buffer
+    outside autograd, moved once per optimizer step by update_defaults (beta = dense_grad_beta).
+    The paper's own equation numbers are not recorded in research/ROUTERS.md and were not checked
+    here; nor was its EMA rate, or whether it applies the EMA per forward rather than per step.
+    The forward returns the second sum as stats['default_out'] [N, D], which the MoE block adds to
+    the experts' output (and removes from the statistics): the experts still see only the gates.
     """
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_len=None):
         logits, state = self.logits(x, state)  # [N, E]
-        probs = logits.softmax(dim=-1)
-        top_i = self.selection_scores(probs).topk(self.top_k, dim=-1).indices  # [N, K]
-        top_p = probs.gather(1, top_i)  # [N, K]
-        if self.renorm:
-            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        scores, probs = self.scores(logits)  # [N, E] each
+        top_i = self.selection_scores(scores).topk(self.top_k, dim=-1).indices  # [N, K]
+        top_s = scores.gather(1, top_i)  # [N, K]
+        top_p = self.gate_values(top_s, top_s)  # [N, K]
         gates = torch.zeros_like(probs).scatter(1, top_i, top_p)  # [N, E], K non-zeros per row
         aux_loss = self.balance_loss(switch_balance_loss(probs, gates, self.top_k))
+        aux_loss = self.with_seq_loss(aux_loss, probs, gates, self.top_k, seq_len)
         stats = routing_stats(gates, probs, logits)
         self.add_bias_stats(stats)
+        if self.dense_grad:  # Default MoE (see the class docstring): the unchosen experts' weights
+            unchosen = self.gate_values(scores, top_s).scatter(1, top_i, 0.0)  # [N, E], zero where chosen
+            stats['default_out'] = unchosen @ self.expert_ema  # [N, D]
+            stats['ema_norm'] = self.expert_ema.norm(dim=-1).mean()  # the defaults' size, logged
         gates = self.drop_overflow(gates, top_i, top_p, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
 
@@ -291,7 +367,7 @@ class ReMoERouter(Router):
         # eq. 9-10 average the L1 over the L MoE layers; the reference code sums them
         self.l1_scale = 1 / self.n_moe_layers if config.remoe_l1_reduction == 'mean' else 1.0
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_len=None):
         logits, state = self.logits(x, state)  # [N, E]
         gates = F.relu(logits)  # ReMoE eq. 5
         aux_loss = self.lam * self.l1_scale * remoe_l1(gates, self.top_k)  # eq. 6 and 10
@@ -319,20 +395,21 @@ class PrototypeRouter(Router):
     per group, so K per token, never two from one group. The weights are each group's top-1
     probability, not renormalised by default (`router_renorm=True` makes them sum to 1)."""
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, seq_len=None):
         logits, state = self.logits(x, state)  # [N, E]
         N, K = logits.size(0), self.top_k
         m = self.n_expert // K
-        probs = logits.view(N, K, m).softmax(dim=-1)  # [N, K, m] softmax within each group
-        top_i = self.selection_scores(probs).argmax(dim=-1)  # [N, K] top-1 per group
-        top_p = probs.gather(2, top_i[..., None]).squeeze(2)  # [N, K]
-        if self.renorm:
-            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        scores, probs = self.scores(logits.view(N, K, m))  # [N, K, m] each, within each group
+        top_i = self.selection_scores(scores).argmax(dim=-1)  # [N, K] top-1 per group
+        top_s = scores.gather(2, top_i[..., None]).squeeze(2)  # [N, K]
+        top_p = self.gate_values(top_s, top_s)  # [N, K]
         expert = top_i + m * torch.arange(K, device=x.device)  # [N, K] global expert ids
         gates = torch.zeros_like(logits).scatter(1, expert, top_p)  # [N, E]
         # the Switch loss inside each group (minimum 1 per group, K in all)
         group_gates = gates.view(N, K, m)
         aux_loss = self.balance_loss(sum(switch_balance_loss(probs[:, j], group_gates[:, j], 1) for j in range(K)))
+        for j in range(K):
+            aux_loss = self.with_seq_loss(aux_loss, probs[:, j], group_gates[:, j], 1, seq_len)
         stats = routing_stats(gates, probs, logits)
         self.add_bias_stats(stats)
         # groups own disjoint experts, so their capacities never interact

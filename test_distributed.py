@@ -149,18 +149,22 @@ def _training_matches(rank, router, extra):
         distributed.sync_expert_grads(model, d)
         distributed.clip_grad_norm_(model, 0.5, d)
         opt.step(), opt.zero_grad()
-        model.update_routers(distributed.all_reduce_mean(info['load'].float(), d))
+        dense = ('expert_sum' in info) and tuple(distributed.all_reduce_sum(info[k], d)  # Default MoE: pooled
+                                                 for k in ('expert_sum', 'expert_count'))
+        model.update_routers(distributed.all_reduce_mean(info['load'].float(), d), *(dense or ()))
         # one process, the same global batch as 2 micro-batches (mean of the per-rank losses)
-        ref_losses, ref_load = [], 0
+        ref_losses, ref_load, ref_sum, ref_count = [], 0, 0, 0
         for r in range(WORLD):
             rows = idx[r * 2:(r + 1) * 2]
             _, ref_loss, ref_info = reference(rows, rows)
             (ref_loss / WORLD).backward()
             ref_losses.append(ref_loss.detach())
             ref_load += ref_info['load'].float() / WORLD
+            if dense:
+                ref_sum, ref_count = ref_sum + ref_info['expert_sum'], ref_count + ref_info['expert_count']
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
         ref_opt.step(), ref_opt.zero_grad()
-        reference.update_routers(ref_load)
+        reference.update_routers(ref_load, *((ref_sum, ref_count) if dense else ()))
         torch.testing.assert_close(loss.detach(), ref_losses[rank], rtol=1e-5, atol=1e-6, msg=f'step {step}')
     lams = [torch.zeros(()) for _ in range(WORLD)]
     if router == 'remoe':
@@ -173,6 +177,12 @@ def _training_matches(rank, router, extra):
         dist.all_gather(biases, bias)
         assert torch.equal(biases[0], biases[1])
         torch.testing.assert_close(bias, torch.stack([r.bias for r in reference.routers()]))
+    if config.dense_grad:  # the EMA: every rank's tokens, the same on every rank, the single process's
+        ema = torch.stack([r.expert_ema for r in model.routers()])
+        emas = [torch.zeros_like(ema) for _ in range(WORLD)]
+        dist.all_gather(emas, ema)
+        assert ema.abs().sum() > 0 and torch.equal(emas[0], emas[1])
+        torch.testing.assert_close(ema, torch.stack([r.expert_ema for r in reference.routers()]), rtol=1e-4, atol=1e-6)
     # the gathered checkpoint is the single-process model, key for key
     full = distributed.full_state_dict(model, d)
     ref_sd = reference.state_dict()
@@ -193,7 +203,9 @@ def _training_matches(rank, router, extra):
 
 
 @pytest.mark.parametrize('router, extra', [('remoe', {}), ('topk', {}),
-                                           ('topk', dict(balance='bias', bias_update_rate=0.05, n_shared_expert=1))])
+                                           ('topk', dict(balance='bias', bias_update_rate=0.05, n_shared_expert=1)),
+                                           ('topk', dict(dense_grad=True, score='sigmoid', router_renorm=True,
+                                                         balance='bias', seq_aux_coef=0.01))])
 def test_ddp_with_expert_parallel_trains_like_one_process(router, extra):
     spawn(_training_matches, router, extra)
 

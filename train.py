@@ -79,6 +79,11 @@ aux_loss_coef = 0.01  # Switch load-balancing loss (topk, prototype with balance
 bias_update_rate = 1e-3  # balance='bias': the bias step per optimizer step
 z_loss_coef = 0.0  # router z-loss
 router_renorm = False  # topk/prototype: renormalise the kept gates to sum to 1
+score = 'softmax'  # topk/prototype: 'softmax' or 'sigmoid' (DeepSeek-V3: an independent sigmoid per expert)
+route_scale = 1.0  # topk/prototype: multiplies the kept gates (DeepSeek-V3's routed_scaling_factor: 2.5)
+seq_aux_coef = 0.0  # topk/prototype: DeepSeek-V3's sequence-wise balance loss α (1e-4 there), any balance
+dense_grad = False  # topk: Default MoE's dense router gradient (arXiv 2504.12463): unchosen experts give an EMA
+dense_grad_beta = 0.9  # dense_grad: the EMA's decay per optimizer step
 remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
 remoe_alpha = 1.2  # ReMoE: multiplicative step of the coefficient
 remoe_lambda_floor = False  # ReMoE: λ never falls below remoe_lambda0 (not in the paper; configs/remoe.py)
@@ -275,6 +280,7 @@ while True:
         break
 
     load = torch.zeros((), device=device)  # [L_moe, E] once added to: this step's expert loads
+    expert_sum = expert_count = torch.zeros((), device=device)  # dense_grad: [L_moe, E, D], [L_moe, E]
     for micro_step in range(gradient_accumulation_steps):
         if dist.world_size > 1:  # DDP: average gradients only after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
@@ -285,17 +291,21 @@ while True:
         scaler.scale(loss).backward()
         if is_moe:
             load = load + info['load'].float() / gradient_accumulation_steps
+        if 'expert_sum' in info:  # Default MoE's EMA: pooled sums and counts, every micro-step
+            expert_sum, expert_count = expert_sum + info['expert_sum'], expert_count + info['expert_count']
     distributed.sync_expert_grads(raw_model, dist)  # EP: expert grads to DDP's mean over ranks
     scaler.unscale_(optimizer)
     # the norm of the full gradient (EP-aware; grad_clip=0 only measures it), the same on every rank
     grad_norm = distributed.clip_grad_norm_(raw_model, grad_clip, dist).item()
     load = distributed.all_reduce_mean(load, dist)  # the global load: all micro-steps, all ranks
+    if dense_grad:  # every rank's tokens: the same EMA everywhere
+        expert_sum, expert_count = (distributed.all_reduce_sum(t, dist) for t in (expert_sum, expert_count))
     if math.isfinite(grad_norm) or scaler.is_enabled():  # float16: the scaler skips such steps itself
         skipped = 0
         scaler.step(optimizer)
         scaler.update()
         if is_moe:  # ReMoE eq. 7, the balancing bias: once per optimizer step, from this step only
-            raw_model.update_routers(load)
+            raw_model.update_routers(load, *((expert_sum, expert_count) if dense_grad else ()))
     else:  # one NaN/inf gradient: skip the step, as large trainers do; several in a row: diverged
         skipped += 1
         if dist.master:
