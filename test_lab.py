@@ -261,12 +261,52 @@ def test_bakeoff_end_to_end(tmp_path):
 
 def test_report_kinds_name_router_balance_and_shared_experts():
     report = pytest.importorskip('lab.report')
-    base = dict(moe_every=1, router='topk', recurrent_router=False)
+    base = dict(moe_every=1, router='topk', recurrent_router=False, router_renorm=True)
     assert report.kind({**base, 'moe_every': 0}) == 'dense'
-    assert report.kind(base) == 'topk'  # a run logged before balance existed
+    assert report.kind(base) == 'topk'  # configs/topk.py
+    assert report.kind({**base, 'router_renorm': False}) == 'topk-norenorm'
+    old = dict(moe_every=1, router='topk', recurrent_router=False)  # logged before balance and renorm existed
+    assert report.kind(old) == 'topk-norenorm'
     assert report.kind({**base, 'balance': 'bias'}) == 'topk-bias'
     assert report.kind({**base, 'balance': 'none', 'recurrent_router': True}) == 'topk-recurrent-noaux'
     assert report.kind({**base, 'router': 'remoe', 'balance': 'aux', 'n_shared_expert': 1}) == 'remoe-shared'
+    assert report.kind({**base, 'router': 'remoe', 'router_renorm': False}) == 'remoe'  # ReLU gates: no renorm
+    # the runs of the modern-router and Table 5 studies are told apart
+    deepseek = {**base, 'score': 'sigmoid', 'balance': 'bias', 'seq_aux_coef': 1e-4}
+    assert report.kind(deepseek) == 'topk-sigmoid-bias-seqaux'
+    assert report.kind({**base, 'dense_grad': True}) == 'topk-densegrad'
+    flows = [report.kind({**base, 'recurrent_router': True, 'rmoe_flow': f}) for f in ('pass', 'detach', 'none')]
+    assert flows == ['topk-recurrent', 'topk-recurrent-detach', 'topk-recurrent-np']
+
+
+def test_report_claims_find_the_studies_entries():
+    report = pytest.importorskip('lab.report')
+    def row(kind, gap):  # every seed `gap` above the same per-seed base
+        return {'kind': kind, 'run': {'n_expert': 8}, 'val': list(np.array([1.50, 1.55, 1.60]) + gap), 'domains': {},
+                'cross_mi': [0.5, 0.6, 0.7]}
+    def heads(rows):
+        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in report.claims(rows)]
+    table5 = {'topk': row('topk', [0, 0, 0]), 'rmoe': row('topk-recurrent', [-0.004, -0.005, -0.003]),
+              'rmoe-np': row('topk-recurrent-np', [0.001, -0.001, 0.002]),
+              'rmoe-detach': row('topk-recurrent-detach', [0.010, 0.012, 0.011])}
+    assert heads(table5)[:4] == ['- RMoE < top-k (RMoE Table 1): holds',
+                             '- RMoE < its state not passed (NP) (RMoE Table 5): holds',
+                             '- RMoE < its state passed but detached (RMoE Table 5): holds',
+                             '- top-k < RMoE with the state detached (RMoE Table 5): holds']
+    modern = {'topk': row('topk', [0, 0, 0]), 'deepseek': row('topk-sigmoid-bias-seqaux', [-0.002, 0.001, 0.0]),
+              'topk-dense': row('topk-densegrad', [-0.003, -0.004, -0.002]),
+              'remoe': row('remoe', [0.010, 0.012, 0.011])}
+    assert heads(modern)[:6] == ['- ReMoE < top-k < dense in validation loss (ReMoE §4.2, Fig. 6), link by link:',
+                                 '  - remoe < topk: reversed',  # no dense in the study: the link that is there
+                                 "- DeepSeek-V3's router < top-k (DeepSeek-V3 §2.1.2): not decided at this scale",
+                                 "- ReMoE < DeepSeek-V3's router (ReMoE's thesis against today's default): reversed",
+                                 '- top-k with a dense router gradient < top-k (Default MoE §4): holds',
+                                 "- ReMoE < top-k with a dense router gradient (ReMoE's thesis, more than the gradient): reversed"]
+    # an older bake-off's unrenormalised top-k still stands in as the baseline; with both, renorm is a claim
+    old = {'topk': row('topk-norenorm', [0, 0, 0]), 'remoe': row('remoe', [-0.01, -0.012, -0.011])}
+    assert heads(old)[0].startswith('- ReMoE < top-k < dense')
+    both = {'topk': row('topk', [-0.03, -0.04, -0.035]), 'topk-old': row('topk-norenorm', [0, 0, 0])}
+    assert heads(both) == ['- renormalised top-k gates < unrenormalised (RMoE and CompeteSMoE code; this repo): holds']
 
 
 def test_verdict_is_paired_seed_by_seed():

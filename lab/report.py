@@ -19,14 +19,25 @@ from lab import analysis
 
 
 def kind(run):
-    """What a run's config makes of its MoE layers: 'dense', 'topk', 'remoe', 'topk-recurrent',
-    'topk-bias' (balance='bias'), 'topk-noaux' (balance='none'), 'remoe-shared', ..."""
+    """What a run's config makes of its MoE layers, the parts that differ from the defaults in a fixed
+    order: 'dense', 'topk', 'remoe', 'topk-recurrent', 'topk-recurrent-detach' (rmoe_flow), 'topk-sigmoid'
+    (score), 'topk-densegrad' (dense_grad), 'topk-bias' / 'topk-noaux' (balance), 'topk-seqaux'
+    (seq_aux_coef > 0), 'remoe-shared', and '-norenorm' last for a top-k or prototype router whose
+    kept gates are not renormalised (configs/topk.py and configs/rmoe.py renormalise; runs logged
+    before router_renorm existed did not)."""
     # the claims below look runs up by kind, not by label: a label is whatever the user typed
     if run['moe_every'] == 0:
         return 'dense'
-    balance = {'aux': '', 'bias': '-bias', 'none': '-noaux'}[run.get('balance', 'aux')]  # older runs: aux
-    return (run['router'] + ('-recurrent' if run['recurrent_router'] else '') + balance
-            + ('-shared' if run.get('n_shared_expert', 0) else ''))
+    parts = [run['router']]
+    if run['recurrent_router']:
+        parts += ['recurrent'] + {'pass': [], 'detach': ['detach'], 'none': ['np']}[run.get('rmoe_flow', 'pass')]
+    parts += ['sigmoid'] if run.get('score', 'softmax') == 'sigmoid' else []
+    parts += ['densegrad'] if run.get('dense_grad') else []
+    parts += {'aux': [], 'bias': ['bias'], 'none': ['noaux']}[run.get('balance', 'aux')]  # older runs: aux
+    parts += ['seqaux'] if run.get('seq_aux_coef', 0) else []
+    parts += ['shared'] if run.get('n_shared_expert', 0) else []
+    parts += ['norenorm'] if run['router'] != 'remoe' and not run.get('router_renorm', False) else []
+    return '-'.join(parts)
 
 
 class ReportError(Exception):
@@ -159,9 +170,14 @@ def tables(rows):
     return lines
 
 
-def _one(rows, name, n_expert=None):
-    """The single label of a kind (at a given E), or None if there is none or several."""
-    found = [k for k, r in rows.items() if r['kind'] == name and (n_expert is None or r['run']['n_expert'] == n_expert)]
+def _one(rows, name, n_expert=None, exact=False):
+    """The single label of a kind (at a given E), or None if there is none or several. Without a run
+    of that kind, its unrenormalised twin (name + '-norenorm': an older bake-off's top-k) stands in
+    unless `exact`."""
+    def find(wanted):
+        return [k for k, r in rows.items()
+                if r['kind'] == wanted and (n_expert is None or r['run']['n_expert'] == n_expert)]
+    found = find(name) or ([] if exact or name.endswith('-norenorm') else find(name + '-norenorm'))
     return found[0] if len(found) == 1 else None
 
 
@@ -224,10 +240,12 @@ def claims(rows):
         return lines
 
     def claim(text, source, labels):
-        # the claim is that the val losses of labels rise in this order: decided link by link
-        if None in labels:
+        # the claim is that the val losses of labels rise in this order: decided link by link; a chain's
+        # missing entries are skipped (a study without dense still decides ReMoE < top-k)
+        chain, labels = len(labels) > 2, [label for label in labels if label]
+        if len(labels) < 2:
             return
-        if len(labels) == 2:
+        if not chain:
             out.extend(loss(*labels, name=f'{text} ({source})'))
             return
         out.append(f'- {text} ({source}), link by link:')
@@ -252,6 +270,21 @@ def claims(rows):
         for (e1, _, _), (e2, _, _) in zip(pairs, pairs[1:]):
             p = verdict(gains[e1] - gains[e2], '<')
             out.append(f'  - gain at E={e1} < gain at E={e2}: **{p.verdict}**: difference {numbers(p)}')
+    # RMoE Table 5: passing the state beats not passing it (NP) and passing it detached; detached is
+    # worse than no recurrence at all
+    rmoe = _one(rows, 'topk-recurrent')
+    for variant, what in (('np', 'not passed (NP)'), ('detach', 'passed but detached')):
+        claim(f'RMoE < its state {what}', 'RMoE Table 5', [rmoe, _one(rows, f'topk-recurrent-{variant}')])
+    claim('top-k < RMoE with the state detached', 'RMoE Table 5', [_one(rows, 'topk'), _one(rows, 'topk-recurrent-detach')])
+    claim('renormalised top-k gates < unrenormalised', 'RMoE and CompeteSMoE code; this repo',
+          [_one(rows, 'topk', exact=True), _one(rows, 'topk-norenorm')])
+    # the routers people train today (issue: is ReMoE's gain its gradient?)
+    deepseek = _one(rows, 'topk-sigmoid-bias-seqaux')
+    claim("DeepSeek-V3's router < top-k", 'DeepSeek-V3 §2.1.2', [deepseek, _one(rows, 'topk')])
+    claim("ReMoE < DeepSeek-V3's router", "ReMoE's thesis against today's default", [_one(rows, 'remoe'), deepseek])
+    claim('top-k with a dense router gradient < top-k', 'Default MoE §4', [_one(rows, 'topk-densegrad'), _one(rows, 'topk')])
+    claim('ReMoE < top-k with a dense router gradient', "ReMoE's thesis, more than the gradient",
+          [_one(rows, 'remoe'), _one(rows, 'topk-densegrad')])
     claim('loss-free bias balancing < the Switch aux loss in validation loss', 'arXiv 2408.15664',
           [_one(rows, 'topk-bias'), _one(rows, 'topk')])
     biased, aux = _one(rows, 'topk-bias'), _one(rows, 'topk')
