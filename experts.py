@@ -97,6 +97,23 @@ def _loop_ffn(x, gates, w_in, w_out):
         sums.append(o.detach().float().sum(0))               # [D]
     return y, torch.stack(sums)
 
+
+
+def decode_ffn(x, gates, w_in, w_out):
+    """The generation step's path (eager, CPU): the same sum over the few active (token, expert)
+    pairs of one new position per sequence, one pair at a time on views of the weights: for one token
+    and K experts, K matrix-vector products and six ops a pair. The grouped backend's fixed cost per
+    call (the sort, the per-expert splits, a custom op) is ~3x that at N = 1; from dozens of tokens on
+    (a prompt's prefill, a training batch) the backends win. Forward only: the gates enter as
+    numbers, so they get no gradient (generation runs under no_grad)."""
+    y = torch.zeros_like(x)                                  # [N, D]
+    token, expert = gates.nonzero().t()                      # [M] each, the active pairs
+    g = gates[token, expert].tolist()                        # [M] their gates, as Python numbers
+    rows_x, rows_y = x.unbind(0), y.unbind(0)                # views of each token's row
+    for n, e, g_ne in zip(token.tolist(), expert.tolist(), g):
+        rows_y[n].add_(swiglu(rows_x[n] @ w_in[e]) @ w_out[e], alpha=g_ne)   # [D] <- [H] <- [2H] <- [D]
+    return y
+
 # -----------------------------------------------------------------------------
 # grouped: sorted pairs + F.grouped_mm, as registered custom ops
 
@@ -411,8 +428,11 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, mean=0.0, std=init_std)
         nn.init.normal_(self.w_out, mean=0.0, std=init_std)  # GPT scales it down: it writes the residual
 
-    def forward(self, x, gates, sums=False):
-        """x [N, D], gates [N, E] -> y [N, D] (sums=True: and each expert's summed output [E, D])."""
+    def forward(self, x, gates, sums=False, decode=False):
+        """x [N, D], gates [N, E] -> y [N, D] (sums=True: and each expert's summed output [E, D]).
+        decode=True: the few tokens of a generation step, pair by pair (decode_ffn), whatever the backend."""
+        if decode:
+            return decode_ffn(x, gates, self.w_in, self.w_out)
         return moe_ffn(x, gates, self.w_in, self.w_out, resolve_impl(self.impl, x.device.type), sums)
 
     def extra_repr(self):

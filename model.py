@@ -179,9 +179,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         B, T, D = x.shape
-        q, k, v = self.c_attn(x).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        qk, v = self.c_attn(x).split([2 * D, D], dim=2)
+        # q and k rotated in one pass, as 2 * n_head heads side by side (one op per step instead of two)
+        qk = apply_rope(qk.view(B, T, 2 * self.n_head, D // self.n_head).transpose(1, 2), cos[:T], sin[:T])
+        q, k = qk.split(self.n_head, dim=1)  # [B, nh, T, hs] each
+        v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         if cache is not None:  # generating: attend to the cached positions too
             k, v = cache.append(self.layer, k, v)  # [B, nh, pos + T, hs]
         # causal; one new position (T = 1, a cached step) sees every key, and a prefill starts at 0.
@@ -217,17 +219,22 @@ class MoE(nn.Module):
         S = config.n_shared_expert
         self.shared = MLP(config.n_embd, S * H) if S else None
 
-    def forward(self, x, state):
+    def forward(self, x, state, generating=False):
+        """generating: a KV-cache step of sample.generate (eval mode), which reads the output only: the
+        router skips its losses and statistics, and one new position per sequence on a CPU takes the
+        experts' decode path (experts.py: a few pairs, one at a time)."""
         B, T, D = x.shape
         x = x.view(B * T, D)
         # T: the sequence-wise balance loss needs the sequences (T varies when generating)
-        gates, aux_loss, stats, state = self.router(x, state, seq_len=T)  # gates: [N, E]
-        if self.router.dense_grad:  # Default MoE (TopKRouter): the EMA's data out, its defaults in
+        gates, aux_loss, stats, state = self.router(x, state, seq_len=T, measure=not generating)  # gates: [N, E]
+        decode = generating and T == 1 and x.device.type == 'cpu'
+        if self.router.dense_grad and not generating:  # Default MoE (TopKRouter): the EMA's data out
             y, stats['expert_sum'] = self.experts(x, gates, sums=True)  # [N, D], [E, D] fp32
             stats['expert_count'] = (gates > 0).sum(0).float()  # [E] the tokens each expert ran
-            y = y + stats.pop('default_out').to(y.dtype)
         else:
-            y = self.experts(x, gates)  # [N, D]
+            y = self.experts(x, gates, decode=decode)  # [N, D]
+        if self.router.dense_grad:  # ... and its defaults in
+            y = y + stats.pop('default_out').to(y.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D), aux_loss, stats, state
@@ -244,7 +251,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, state, cache=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache)
         if isinstance(self.mlp, MoE):
-            y, aux_loss, stats, state = self.mlp(self.ln_2(x), state)
+            y, aux_loss, stats, state = self.mlp(self.ln_2(x), state, generating=cache is not None)
         else:  # no aux loss, no routing stats
             y, aux_loss, stats = self.mlp(self.ln_2(x)), None, {}
         return x + y, aux_loss, stats, state

@@ -9,6 +9,8 @@ The one contract of this repo, between routers and experts:
 experts.py consumes that matrix and never needs to know which router made it, so a router is free
 to choose any number of experts per token. `aux_loss` is already multiplied by its coefficient;
 the model adds it to the language-model loss. `state` is threaded from one MoE layer to the next.
+Generating with a KV cache asks for the gates alone (`measure=False`): aux_loss is then 0 and stats
+holds nothing the log reads (for one token their cost is larger than the routing's own).
 
 A router is two choices:
 - where the logits come from: a linear map of x, or RMoE's GRU that carries a per-token routing
@@ -326,20 +328,24 @@ class TopKRouter(Router):
     the experts' output (and removes from the statistics): the experts still see only the gates.
     """
 
-    def forward(self, x, state=None, seq_len=None):
+    def forward(self, x, state=None, seq_len=None, measure=True):
         logits, state = self.logits(x, state)  # [N, E]
         scores, probs = self.scores(logits)  # [N, E] each
         top_i = self.selection_scores(scores).topk(self.top_k, dim=-1).indices  # [N, K]
         top_s = scores.gather(1, top_i)  # [N, K]
         top_p = self.gate_values(top_s, top_s)  # [N, K]
         gates = torch.zeros_like(probs).scatter(1, top_i, top_p)  # [N, E], K non-zeros per row
-        aux_loss = self.balance_loss(switch_balance_loss(probs, gates, self.top_k))
-        aux_loss = self.with_seq_loss(aux_loss, probs, gates, self.top_k, seq_len)
-        stats = routing_stats(gates, probs, logits)
-        self.add_bias_stats(stats)
+        stats = {}
         if self.dense_grad:  # Default MoE (see the class docstring): the unchosen experts' weights
             unchosen = self.gate_values(scores, top_s).scatter(1, top_i, 0.0)  # [N, E], zero where chosen
-            stats['default_out'] = unchosen @ self.expert_ema  # [N, D]
+            stats['default_out'] = unchosen @ self.expert_ema  # [N, D], part of the output: always made
+        if not measure:
+            return gates.to(x.dtype), logits.new_zeros(()), stats, state
+        aux_loss = self.balance_loss(switch_balance_loss(probs, gates, self.top_k))
+        aux_loss = self.with_seq_loss(aux_loss, probs, gates, self.top_k, seq_len)
+        stats.update(routing_stats(gates, probs, logits))
+        self.add_bias_stats(stats)
+        if self.dense_grad:
             stats['ema_norm'] = self.expert_ema.norm(dim=-1).mean()  # the defaults' size, logged
         gates = self.drop_overflow(gates, top_i, top_p, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
@@ -367,9 +373,11 @@ class ReMoERouter(Router):
         # eq. 9-10 average the L1 over the L MoE layers; the reference code sums them
         self.l1_scale = 1 / self.n_moe_layers if config.remoe_l1_reduction == 'mean' else 1.0
 
-    def forward(self, x, state=None, seq_len=None):
+    def forward(self, x, state=None, seq_len=None, measure=True):
         logits, state = self.logits(x, state)  # [N, E]
         gates = F.relu(logits)  # ReMoE eq. 5
+        if not measure:
+            return gates.to(x.dtype), logits.new_zeros(()), {}, state
         aux_loss = self.lam * self.l1_scale * remoe_l1(gates, self.top_k)  # eq. 6 and 10
         stats = routing_stats(gates, logits=logits)
         stats['dropped'] = gates.new_zeros(())  # ReLU routing is dropless
@@ -395,7 +403,7 @@ class PrototypeRouter(Router):
     per group, so K per token, never two from one group. The weights are each group's top-1
     probability, not renormalised by default (`router_renorm=True` makes them sum to 1)."""
 
-    def forward(self, x, state=None, seq_len=None):
+    def forward(self, x, state=None, seq_len=None, measure=True):
         logits, state = self.logits(x, state)  # [N, E]
         N, K = logits.size(0), self.top_k
         m = self.n_expert // K
@@ -405,6 +413,8 @@ class PrototypeRouter(Router):
         top_p = self.gate_values(top_s, top_s)  # [N, K]
         expert = top_i + m * torch.arange(K, device=x.device)  # [N, K] global expert ids
         gates = torch.zeros_like(logits).scatter(1, expert, top_p)  # [N, E]
+        if not measure:
+            return gates.to(x.dtype), logits.new_zeros(()), {}, state
         # the Switch loss inside each group (minimum 1 per group, K in all)
         group_gates = gates.view(N, K, m)
         aux_loss = self.balance_loss(sum(switch_balance_loss(probs[:, j], group_gates[:, j], 1) for j in range(K)))

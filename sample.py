@@ -25,7 +25,7 @@ class KVCache:
     """Generation's memory: every layer's keys and values of the positions seen so far, so that a new
     token runs one position through the model instead of the whole context. `pos` positions are
     held (the next token's position); GPT.forward advances it. The buffers take the dtype and
-    device of the first keys stored: [n_layer, B, nh, max_len, hs] each."""
+    device of the first keys stored: per layer, [B, nh, max_len, hs] each."""
 
     def __init__(self, n_layer, max_len):
         self.n_layer, self.max_len, self.pos = n_layer, max_len, 0
@@ -37,13 +37,13 @@ class KVCache:
         the attention that reads them is causal from position 0, or a single new position."""
         B, nh, T, hs = k.shape
         assert self.pos == 0 or T == 1, f"{T} positions appended after {self.pos}: prefill from 0, then one at a time"
-        if self.k is None:
-            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
-            self.v = torch.zeros_like(self.k)
+        if self.k is None:  # a list per layer, not one stacked tensor: no indexing op per step
+            self.k = [k.new_zeros(B, nh, self.max_len, hs) for _ in range(self.n_layer)]
+            self.v = [k.new_zeros(B, nh, self.max_len, hs) for _ in range(self.n_layer)]
         end = self.pos + T
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer].narrow(2, self.pos, T).copy_(k)
+        self.v[layer].narrow(2, self.pos, T).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
 @torch.no_grad()

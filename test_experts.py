@@ -99,6 +99,21 @@ def test_backend_matches_loop_topk_routing(impl, N, D, H, E, seed, data):
     gen = torch.Generator().manual_seed(seed)
     assert_matches_loop(*make_inputs(N, D, H, E, topk_mask(N, E, K, gen), seed), impl)
 
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 6), D=st.integers(1, 24), H=st.integers(1, 16), E=st.integers(1, 16),
+       seed=st.integers(0, 2**16), relu=st.booleans())
+def test_decode_path_matches_loop(N, D, H, E, seed, relu):
+    """decode_ffn, the generation step's pair-by-pair path, computes the loop's forward (it has no
+    backward: generation runs under no_grad)."""
+    gen = torch.Generator().manual_seed(seed)
+    active = relu_mask(N, E, gen) if relu else topk_mask(N, E, min(E, 2), gen)
+    (x, gates, w_in, w_out), _ = make_inputs(N, D, H, E, active, seed)
+    with torch.no_grad():
+        torch.testing.assert_close(experts.decode_ffn(x, gates, w_in, w_out), moe_ffn(x, gates, w_in, w_out, 'loop'), **TOL)
+        if not active.any():
+            assert (experts.decode_ffn(x, gates, w_in, w_out) == 0).all()
+
 # -----------------------------------------------------------------------------
 # degenerate routings
 
