@@ -210,7 +210,8 @@ class ExpertParallelExperts(nn.Module):
         self.w_in = nn.Parameter(full.w_in.detach()[lo:lo + self.n_local].clone())    # [E_l, D, 2H]
         self.w_out = nn.Parameter(full.w_out.detach()[lo:lo + self.n_local].clone())  # [E_l, H, D]
 
-    def forward(self, x, gates, sums=False):
+    def forward(self, x, gates, sums=False, decode=False):
+        # decode is ignored: every rank must join the exchange, whatever the number of tokens
         P, E_l = self.ep_size, self.n_local
         # 1. the active pairs, sorted by expert and so by owner rank (expert // E_l), then token
         (expert, token), send_counts = routed_pairs(gates)                      # [M], [M], [E] = [P * E_l]

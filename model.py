@@ -227,7 +227,8 @@ class MoE(nn.Module):
         x = x.view(B * T, D)
         # T: the sequence-wise balance loss needs the sequences (T varies when generating)
         gates, aux_loss, stats, state = self.router(x, state, seq_len=T, measure=not generating)  # gates: [N, E]
-        decode = generating and T == 1 and x.device.type == 'cpu'
+        # (compiled code keeps the backends: decode_ffn's Python loop over the pairs would break the graph)
+        decode = generating and T == 1 and x.device.type == 'cpu' and not torch.compiler.is_compiling()
         if self.router.dense_grad and not generating:  # Default MoE (TopKRouter): the EMA's data out
             y, stats['expert_sum'] = self.experts(x, gates, sums=True)  # [N, D], [E, D] fp32
             stats['expert_count'] = (gates > 0).sum(0).float()  # [E] the tokens each expert ran
