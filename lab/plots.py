@@ -199,7 +199,7 @@ def expert_load(loads, path):
         ax.set_xticks(range(load.shape[1]))
         ax.set_yticks(range(load.shape[0]))
     fig.colorbar(im, ax=axes[0].tolist(), label='load / fair share (1 = balanced)', shrink=0.9)
-    fig.suptitle('Expert load over the last 100 training steps (x: dead, below 5% of the fair share)')
+    fig.suptitle('Expert load over the last 100 training steps, first seed (x: dead, below 5% of the fair share)')
     return _save(fig, path)
 
 

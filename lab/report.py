@@ -88,7 +88,9 @@ def summarize(folder, runs, seeds):
             'domains': {d: [f['val_loss_per_domain'][d] for f in finals] for d in logs[0].run.get('domains', [])},
             'tokens_per_sec': [analysis.tokens_per_sec(log) for log in logs],
             'seconds': [json.loads((d / 'run.json').read_text())['seconds'] for d in dirs],
-            'load': None if loads[0] is None else np.mean(loads, axis=0),
+            # the first seed's [L, E]: an expert's index means nothing across seeds, so a mean over
+            # seeds would smooth away the experts each seed let die
+            'load': loads[0],
             'dead': None if loads[0] is None else [int(analysis.dead_experts(x).sum()) for x in loads],
             'load_cv': None if loads[0] is None else np.mean([analysis.load_cv(x) for x in loads], axis=0),  # [L]
             'mean_load_cv': None if loads[0] is None else [float(analysis.load_cv(x).mean()) for x in loads],
