@@ -130,7 +130,7 @@ def model_args(config):
 # options that a choice makes meaningless: setting one is a mistake, not a no-op
 # (router_renorm and capacity_factor with remoe: GPTConfig.validate says why)
 SOFTMAX_ONLY = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction', 'balance', 'bias_update_rate', 'score',
-                'route_scale', 'seq_aux_coef', 'dense_grad', 'dense_grad_beta')
+                'route_scale', 'seq_aux_coef', 'dense_grad', 'dense_grad_beta', 'dense_grad_forward')
 REMOE_ONLY = ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
 MOE_ONLY = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'rmoe_flow', 'rmoe_init', 'expert_impl',
             'expert_granularity', 'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', 'n_shared_expert',
@@ -149,7 +149,7 @@ def ignored_options(c):
         if c['router'] != 'remoe' and c['balance'] != 'aux':
             ignored['aux_loss_coef'] = f"with balance={c['balance']!r} (only 'aux' has the Switch loss)"
         if not c.get('dense_grad', False):  # (test dicts may predate the key)
-            ignored['dense_grad_beta'] = 'without dense_grad=True'
+            ignored.update({key: 'without dense_grad=True' for key in ('dense_grad_beta', 'dense_grad_forward')})
         if c['router'] != 'remoe' and c['balance'] != 'bias':
             ignored['bias_update_rate'] = f"with balance={c['balance']!r} (only 'bias' has a bias)"
     if c['dataset'] != 'web':

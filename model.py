@@ -60,6 +60,7 @@ class GPTConfig:
     seq_aux_coef: float = 0.0  # topk/prototype: DeepSeek-V3's sequence-wise balance loss α, per MoE layer
     dense_grad: bool = False  # topk: Default MoE's dense router gradient (unchosen experts: an EMA of their output)
     dense_grad_beta: float = 0.9  # dense_grad: the EMA's decay per optimizer step
+    dense_grad_forward: bool = False  # dense_grad: the defaults in the output too, not only in the router's gradient
     remoe_lambda0: float = 1e-8  # ReMoE: initial L1 coefficient λ (paper default)
     remoe_alpha: float = 1.2  # ReMoE: λ's multiplicative step (paper default)
     remoe_lambda_floor: bool = False  # ReMoE: λ never falls below remoe_lambda0 (see ReMoERouter.update)
@@ -144,6 +145,8 @@ class GPTConfig:
         if self.dense_grad and self.router != 'topk':  # ReLU gates have no unchosen probabilities to train
             raise ValueError(f"dense_grad=True with router={self.router!r} is invalid: Default MoE is for "
                              f"router='topk' (the unchosen of its top-k)")
+        if self.dense_grad_forward and not self.dense_grad:
+            raise ValueError("dense_grad_forward=True needs dense_grad=True (it says where Default MoE's defaults go)")
         if not 0 <= self.dense_grad_beta < 1:
             raise ValueError(f"dense_grad_beta={self.dense_grad_beta} must be in [0, 1) (the EMA's decay per step)")
         if self.router == 'prototype' and self.n_expert % self.top_k:
@@ -234,8 +237,9 @@ class MoE(nn.Module):
             stats['expert_count'] = (gates > 0).sum(0).float()  # [E] the tokens each expert ran
         else:
             y = self.experts(x, gates, decode=decode)  # [N, D]
-        if self.router.dense_grad:  # ... and its defaults in
-            y = y + stats.pop('default_out').to(y.dtype)
+        if self.router.dense_grad:  # ... and its defaults in: by default in the router's gradient only
+            d = stats.pop('default_out').to(y.dtype)  # [N, D]
+            y = y + (d if self.router.dense_grad_forward else d - d.detach())  # d - d is exactly 0: y is top-k's
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D), aux_loss, stats, state

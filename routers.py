@@ -168,6 +168,7 @@ class Router(nn.Module):
             # an fp32 buffer outside autograd, like the bias: checkpointed, moved only by update_defaults()
             self.register_buffer('expert_ema', torch.zeros(self.n_expert, config.n_embd, dtype=torch.float32))
             self.ema_beta = config.dense_grad_beta
+            self.dense_grad_forward = config.dense_grad_forward
         if config.recurrent_router:  # RMoE eq. 4-6
             # rmoe_init='torch' is the paper's enwik8 code: PyTorch's own init and biases on both linears
             bias = config.rmoe_init == 'torch'
@@ -313,17 +314,20 @@ class TopKRouter(Router):
     rescales them to sum to 1 per token, as Mixtral does (and as the RMoE code does).
 
     dense_grad=True is Default MoE (Panda et al., arXiv 2504.12463): only the chosen experts S_n
-    run, but the MoE output gets, for every expert a token did not choose, that expert's default
-    output, an EMA of its outputs over the tokens it did run:
+    run, and for every expert a token did not choose, that expert's default output, an EMA of its
+    outputs over the tokens it did run, stands in for it in the router's gradient:
 
         y_n = sum_{e in S_n} w_ne FFN_e(x_n) + sum_{e not in S_n} w_ne EMA_e
 
     with w_ne the weight each expert would have as a gate (its probability; its score divided by the
     chosen scores' sum under router_renorm, times route_scale). So dL/dw_ne = <dy_n, EMA_e> for every
-    unchosen expert too: every router probability gets a gradient. EMA_e [D] is an fp32 buffer
-    outside autograd, moved once per optimizer step by update_defaults (beta = dense_grad_beta).
-    The paper's own equation numbers are not recorded in research/ROUTERS.md and were not checked
-    here; nor was its EMA rate, or whether it applies the EMA per forward rather than per step.
+    unchosen expert too: every router probability gets a gradient. The paper's summaries call it
+    sparse in the forward and dense in the backward, so by default the second sum enters as
+    d - d.detach(): the output is top-k's exactly and only the gradient sees the defaults.
+    dense_grad_forward=True adds it to the output as well (this repo's first reading, kept because
+    results/modern and results/dense-grad were made with it). EMA_e [D] is an fp32 buffer outside
+    autograd, moved once per optimizer step by update_defaults (beta = dense_grad_beta). The paper's
+    equation numbers and EMA rate are not in research/ROUTERS.md and were not checked here.
     The forward returns the second sum as stats['default_out'] [N, D], which the MoE block adds to
     the experts' output (and removes from the statistics): the experts still see only the gates.
     """

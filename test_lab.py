@@ -274,7 +274,9 @@ def test_report_kinds_name_router_balance_and_shared_experts():
     # the runs of the modern-router and Table 5 studies are told apart
     deepseek = {**base, 'score': 'sigmoid', 'balance': 'bias', 'seq_aux_coef': 1e-4}
     assert report.kind(deepseek) == 'topk-sigmoid-bias-seqaux'
-    assert report.kind({**base, 'dense_grad': True}) == 'topk-densegrad'
+    assert report.kind({**base, 'dense_grad': True, 'dense_grad_forward': False}) == 'topk-densegrad'
+    assert report.kind({**base, 'dense_grad': True, 'dense_grad_forward': True}) == 'topk-densegrad-fwd'
+    assert report.kind({**base, 'dense_grad': True}) == 'topk-densegrad-fwd'  # logged before the switch existed
     flows = [report.kind({**base, 'recurrent_router': True, 'rmoe_flow': f}) for f in ('pass', 'detach', 'none')]
     assert flows == ['topk-recurrent', 'topk-recurrent-detach', 'topk-recurrent-np']
 
@@ -307,6 +309,13 @@ def test_report_claims_find_the_studies_entries():
     assert heads(old)[0].startswith('- ReMoE < top-k < dense')
     both = {'topk': row('topk', [-0.03, -0.04, -0.035]), 'topk-old': row('topk-norenorm', [0, 0, 0])}
     assert heads(both) == ['- renormalised top-k gates < unrenormalised (RMoE and CompeteSMoE code; this repo): holds']
+    # Default MoE both ways: each against top-k, and the two against each other
+    ways = {'topk': row('topk-norenorm', [0, 0, 0]), 'bwd': row('topk-densegrad-norenorm', [-0.002, 0.001, 0.0]),
+            'fwd': row('topk-densegrad-fwd-norenorm', [0.10, 0.09, 0.11])}
+    assert heads(ways) == ['- top-k with a dense router gradient < top-k (Default MoE §4): not decided at this scale',
+                           '- top-k with a dense router gradient (its defaults in the output too) < top-k '
+                           '(Default MoE §4): reversed',
+                           "- Default MoE's defaults in the router's gradient only < in the output too (this repo): holds"]
 
 
 def test_verdict_is_paired_seed_by_seed():

@@ -170,12 +170,14 @@ def expert_outputs(moe, x):
     return torch.stack([swiglu(x @ w_in[e]) @ w_out[e] for e in range(w_in.size(0))], 1)
 
 
+@pytest.mark.parametrize('forward', [False, True])
 @pytest.mark.parametrize('renorm', [False, True])
 @given(N=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_dense_grad_gives_every_router_probability_its_gradient(renorm, N, seed):
+def test_dense_grad_gives_every_router_probability_its_gradient(renorm, forward, N, seed):
     """dL/dw_ne = <dy_n, FFN_e(x_n)> on the chosen experts, <dy_n, EMA_e> on all others: the router
-    weights' gradient is that vector through the gate weights' Jacobian, and no entry of it is 0."""
-    moe = default_moe(seed=seed, router_renorm=renorm)
+    weights' gradient is that vector through the gate weights' Jacobian, and no entry of it is 0,
+    whether or not the defaults are in the output too."""
+    moe = default_moe(seed=seed, router_renorm=renorm, dense_grad_forward=forward)
     router = moe.router
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, N, 8, generator=gen)
@@ -212,6 +214,28 @@ def test_dense_grad_with_a_zero_ema_is_top_k(score):
     for p1, p2 in zip(dense.parameters(), plain.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad)
     assert 'default_out' not in s1 and s1['expert_sum'].shape == (4, 8)  # the block took it out
+
+
+def test_dense_grad_puts_the_defaults_in_the_gradient_only_unless_asked():
+    """By default (the paper: sparse forward, dense backward) the output is plain top-k's, bit for
+    bit, with a full EMA; every gradient for a given upstream dy is that of dense_grad_forward=True,
+    whose output carries the defaults too."""
+    bwd, fwd = default_moe(router_renorm=True), default_moe(router_renorm=True, dense_grad_forward=True)
+    plain = MoE(GPTConfig(n_embd=8, n_head=1, n_layer=1, n_expert=4, top_k=2, ffn_hidden=6, expert_impl='grouped',
+                          aux_loss_coef=0.0, router_renorm=True))
+    plain.load_state_dict(bwd.state_dict(), strict=False)  # all but the EMA
+    x = torch.randn(2, 6, 8)
+    (yb, _, _, _), (yf, _, _, _), (yp, _, _, _) = bwd(x, None), fwd(x, None), plain(x, None)
+    assert torch.equal(yb, yp)
+    assert (yf - yp).abs().max() > 0.1  # the defaults' sum: of the order of the EMA (randn)
+    dy = torch.randn_like(yb)
+    grads = [dict(zip([n for n, _ in m.named_parameters()], torch.autograd.grad(y, list(m.parameters()), dy)))
+             for m, y in ((bwd, yb), (fwd, yf), (plain, yp))]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+    # ... and not top-k's: the unchosen experts have their say in the router's
+    assert not torch.allclose(grads[0]['router.w_g.weight'], grads[2]['router.w_g.weight'])
 
 
 @pytest.mark.parametrize('impl', ['grouped', 'triton'])
@@ -295,6 +319,7 @@ def test_dense_grad_resumes_exactly(tmp_path, data_dir):
     (dict(router='remoe', dense_grad=True), "dense_grad=True with router='remoe' is invalid"),
     (dict(router='prototype', dense_grad=True), "dense_grad=True with router='prototype' is invalid"),
     (dict(dense_grad=True, dense_grad_beta=1.0), r'dense_grad_beta=1.0 must be in \[0, 1\)'),
+    (dict(dense_grad_forward=True), 'dense_grad_forward=True needs dense_grad=True'),
 ])
 def test_bad_dense_grad_values_are_one_line_errors(bad, needle):
     with pytest.raises(ValueError, match=needle) as e:

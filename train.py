@@ -84,6 +84,7 @@ route_scale = 1.0  # topk/prototype: multiplies the kept gates (DeepSeek-V3's ro
 seq_aux_coef = 0.0  # topk/prototype: DeepSeek-V3's sequence-wise balance loss α (1e-4 there), any balance
 dense_grad = False  # topk: Default MoE's dense router gradient (arXiv 2504.12463): unchosen experts give an EMA
 dense_grad_beta = 0.9  # dense_grad: the EMA's decay per optimizer step
+dense_grad_forward = False  # dense_grad: the defaults in the output too (default: the router's gradient only)
 remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
 remoe_alpha = 1.2  # ReMoE: multiplicative step of the coefficient
 remoe_lambda_floor = False  # ReMoE: λ never falls below remoe_lambda0 (not in the paper; configs/remoe.py)

@@ -21,7 +21,7 @@ from lab import analysis
 def kind(run):
     """What a run's config makes of its MoE layers, the parts that differ from the defaults in a fixed
     order: 'dense', 'topk', 'remoe', 'topk-recurrent', 'topk-recurrent-detach' (rmoe_flow), 'topk-sigmoid'
-    (score), 'topk-densegrad' (dense_grad), 'topk-bias' / 'topk-noaux' (balance), 'topk-seqaux'
+    (score), 'topk-densegrad' (dense_grad; '-densegrad-fwd' with dense_grad_forward), 'topk-bias' / 'topk-noaux' (balance), 'topk-seqaux'
     (seq_aux_coef > 0), 'remoe-shared', and '-norenorm' last for a top-k or prototype router whose
     kept gates are not renormalised (configs/topk.py and configs/rmoe.py renormalise; runs logged
     before router_renorm existed did not)."""
@@ -32,7 +32,8 @@ def kind(run):
     if run['recurrent_router']:
         parts += ['recurrent'] + {'pass': [], 'detach': ['detach'], 'none': ['np']}[run.get('rmoe_flow', 'pass')]
     parts += ['sigmoid'] if run.get('score', 'softmax') == 'sigmoid' else []
-    parts += ['densegrad'] if run.get('dense_grad') else []
+    # runs logged before dense_grad_forward existed put the defaults in the forward
+    parts += (['densegrad'] + (['fwd'] if run.get('dense_grad_forward', True) else [])) if run.get('dense_grad') else []
     parts += {'aux': [], 'bias': ['bias'], 'none': ['noaux']}[run.get('balance', 'aux')]  # older runs: aux
     parts += ['seqaux'] if run.get('seq_aux_coef', 0) else []
     parts += ['shared'] if run.get('n_shared_expert', 0) else []
@@ -284,9 +285,13 @@ def claims(rows):
     deepseek = _one(rows, 'topk-sigmoid-bias-seqaux')
     claim("DeepSeek-V3's router < top-k", 'DeepSeek-V3 §2.1.2', [deepseek, _one(rows, 'topk')])
     claim("ReMoE < DeepSeek-V3's router", "ReMoE's thesis against today's default", [_one(rows, 'remoe'), deepseek])
-    claim('top-k with a dense router gradient < top-k', 'Default MoE §4', [_one(rows, 'topk-densegrad'), _one(rows, 'topk')])
-    claim('ReMoE < top-k with a dense router gradient', "ReMoE's thesis, more than the gradient",
-          [_one(rows, 'remoe'), _one(rows, 'topk-densegrad')])
+    for suffix, what in (('', ''), ('-fwd', ' (its defaults in the output too)')):
+        dense = _one(rows, 'topk-densegrad' + suffix)
+        claim(f'top-k with a dense router gradient{what} < top-k', 'Default MoE §4', [dense, _one(rows, 'topk')])
+        claim(f'ReMoE < top-k with a dense router gradient{what}', "ReMoE's thesis, more than the gradient",
+              [_one(rows, 'remoe'), dense])
+    claim("Default MoE's defaults in the router's gradient only < in the output too", 'this repo',
+          [_one(rows, 'topk-densegrad'), _one(rows, 'topk-densegrad-fwd')])
     claim('loss-free bias balancing < the Switch aux loss in validation loss', 'arXiv 2408.15664',
           [_one(rows, 'topk-bias'), _one(rows, 'topk')])
     biased, aux = _one(rows, 'topk-bias'), _one(rows, 'topk')
