@@ -216,7 +216,7 @@ def test_remoe_config_holds_its_target_in_a_real_run(tmp_path, data_dir):
     """configs/remoe.py, narrowed (4 layers of width 64) and shortened to 500 steps so that it runs
     in about a minute, trained for real: from step 250 every 25-step mean of the sparsity is within
     ±0.03 of 0.75, λ never falls below its floor λ0 and sits on it for under half of those steps, and
-    no expert dies. The controller is bang-bang (λ x or / 1.2 every step, ReMoE eq. 8), so single
+    no expert dies. The controller is bang-bang (λ x or / 1.2 every step, ReMoE eq. 7), so single
     steps swing by design; the window mean is what "holds its target" means. Measured here
     (2026-12-03, seeds 1337/1338/1339): worst window 0.018/0.012/0.011 off, λ on the floor for
     22/42/0 of 249 steps. With the paper's router learning rate and no floor

@@ -21,10 +21,10 @@ from lab import analysis
 def kind(run):
     """What a run's config makes of its MoE layers, the parts that differ from the defaults in a fixed
     order: 'dense', 'topk', 'remoe', 'topk-recurrent', 'topk-recurrent-detach' (rmoe_flow), 'topk-sigmoid'
-    (score), 'topk-densegrad' (dense_grad; '-densegrad-fwd' with dense_grad_forward), 'topk-bias' / 'topk-noaux' (balance), 'topk-seqaux'
-    (seq_aux_coef > 0), 'remoe-shared', and '-norenorm' last for a top-k or prototype router whose
-    kept gates are not renormalised (configs/topk.py and configs/rmoe.py renormalise; runs logged
-    before router_renorm existed did not)."""
+    (score), 'topk-densegrad' (dense_grad; 'topk-densegrad-fwd' with dense_grad_forward), 'topk-bias' /
+    'topk-noaux' (balance), 'topk-seqaux' (seq_aux_coef > 0), 'remoe-shared', and '-norenorm' last
+    for a top-k or prototype router whose kept gates are not renormalised (configs/topk.py and
+    configs/rmoe.py renormalise; runs logged before router_renorm existed did not)."""
     # the claims below look runs up by kind, not by label: a label is whatever the user typed
     if run['moe_every'] == 0:
         return 'dense'
@@ -32,8 +32,8 @@ def kind(run):
     if run['recurrent_router']:
         parts += ['recurrent'] + {'pass': [], 'detach': ['detach'], 'none': ['np']}[run.get('rmoe_flow', 'pass')]
     parts += ['sigmoid'] if run.get('score', 'softmax') == 'sigmoid' else []
-    # runs logged before dense_grad_forward existed put the defaults in the forward
-    parts += (['densegrad'] + (['fwd'] if run.get('dense_grad_forward', True) else [])) if run.get('dense_grad') else []
+    if run.get('dense_grad'):  # runs logged before dense_grad_forward existed put the defaults in the forward
+        parts += ['densegrad', 'fwd'] if run.get('dense_grad_forward', True) else ['densegrad']
     parts += {'aux': [], 'bias': ['bias'], 'none': ['noaux']}[run.get('balance', 'aux')]  # older runs: aux
     parts += ['seqaux'] if run.get('seq_aux_coef', 0) else []
     parts += ['shared'] if run.get('n_shared_expert', 0) else []
