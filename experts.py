@@ -102,16 +102,16 @@ def _loop_ffn(x, gates, w_in, w_out):
 def decode_ffn(x, gates, w_in, w_out):
     """The generation step's path (eager, CPU): the same sum over the few active (token, expert)
     pairs of one new position per sequence, one pair at a time on views of the weights: for one token
-    and K experts, K matrix-vector products and six ops a pair. The grouped backend's fixed cost per
-    call (the sort, the per-expert splits, a custom op) is ~3x that at N = 1; from dozens of tokens on
-    (a prompt's prefill, a training batch) the backends win. Forward only: the gates enter as
-    numbers, so they get no gradient (generation runs under no_grad)."""
+    and K experts, K matrix-vector products and six ops a pair. The gates come to Python in one
+    transfer (a few rows of E numbers), so choosing the pairs costs no op at all. The grouped
+    backend's fixed cost per call (the sort, the per-expert splits) is ~3x that at N = 1; from dozens
+    of tokens on (a prompt's prefill, a training batch) the backends win. Forward only: the gates
+    enter as numbers, so they get no gradient (generation runs under inference_mode)."""
     y = torch.zeros_like(x)                                  # [N, D]
-    token, expert = gates.nonzero().t()                      # [M] each, the active pairs
-    g = gates[token, expert].tolist()                        # [M] their gates, as Python numbers
-    rows_x, rows_y = x.unbind(0), y.unbind(0)                # views of each token's row
-    for n, e, g_ne in zip(token.tolist(), expert.tolist(), g):
-        rows_y[n].add_(swiglu(rows_x[n] @ w_in[e]) @ w_out[e], alpha=g_ne)   # [D] <- [H] <- [2H] <- [D]
+    for x_n, y_n, row in zip(x.unbind(0), y.unbind(0), gates.tolist()):   # views of each token's rows
+        for e, g_ne in enumerate(row):
+            if g_ne != 0:                                    # zero means "not selected"
+                y_n.add_(swiglu(x_n @ w_in[e]) @ w_out[e], alpha=g_ne)      # [D] <- [H] <- [2H] <- [D]
     return y
 
 # -----------------------------------------------------------------------------
@@ -262,6 +262,11 @@ def grouped_ffn(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor
     out: y [N, D], and what the backward needs:
          pairs [2, M] (see routed_pairs), offs [E] int32 end of each expert's run of pairs,
          h [M, 2H] pre-activation, o [M, D] expert output before the gate."""
+    return _grouped_forward(x, gates, w_in, w_out)
+
+
+def _grouped_forward(x, gates, w_in, w_out):
+    """moe::grouped_ffn's body, which eager inference calls directly (moe_ffn)."""
     pairs, counts = routed_pairs(gates)
     offs = counts.cumsum(0).to(torch.int32)                                  # [E]
     expert, token = pairs                                                    # [M], [M]
@@ -409,7 +414,13 @@ def moe_ffn(x, gates, w_in, w_out, impl: str, sums: bool = False):
         # once with fullgraph=True. Autocast does not reach inside custom ops, so apply it here.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        out = (grouped_ffn if impl == 'grouped' else triton_ffn)(x, gates, w_in, w_out)
+        op = grouped_ffn if impl == 'grouped' else triton_ffn
+        if impl == 'grouped' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # eager inference (evaluation, a prompt's prefill) needs neither the op's autograd nor its
+            # tracing: its body, without the custom op's dispatch (whose first call imports torch._dynamo,
+            # ~1.5 s of a sample.py start-up)
+            op = _grouped_forward
+        out = op(x, gates, w_in, w_out)
         y, pairs, h = out[0], out[1], out[3 if impl == 'grouped' else 5]
         return (y, expert_output_sums(pairs[0], h, w_out)) if sums else y
     raise ValueError(f"moe_ffn impl={impl!r} is not a resolved backend (loop, grouped, triton)")

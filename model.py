@@ -161,17 +161,19 @@ class GPTConfig:
 
 
 def rope_tables(head_size, block_size, theta):
-    """cos and sin of the rotation angles, [T, head_size/2] each (RoFormer eq. 34)."""
+    """RoPE's rotation (RoFormer eq. 34) of the pairs (x_i, x_{i+hs/2}) as two tables [T, hs]:
+    cos = [cos, cos] and sin = [-sin, sin], the halves side by side, so that apply_rope is two
+    products and a sum over whole heads."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)
-    angles = torch.outer(torch.arange(block_size).float(), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # [T, hs/2]
+    return torch.cat([angles.cos(), angles.cos()], -1), torch.cat([-angles.sin(), angles.sin()], -1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+hs/2}) of every head by position-dependent angles. x: [B, nh, T, hs]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
+    """Rotate pairs (x_i, x_{i+hs/2}) of every head by position-dependent angles. x: [B, nh, T, hs].
+    With the halves swapped (roll by hs/2) the rotation is x1 cos - x2 sin | x2 cos + x1 sin,
+    the same numbers, bit for bit, as writing the halves out, in four ops instead of eight."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer=0):
@@ -184,7 +186,7 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x.shape
         qk, v = self.c_attn(x).split([2 * D, D], dim=2)
         # q and k rotated in one pass, as 2 * n_head heads side by side (one op per step instead of two)
-        qk = apply_rope(qk.view(B, T, 2 * self.n_head, D // self.n_head).transpose(1, 2), cos[:T], sin[:T])
+        qk = apply_rope(qk.view(B, T, 2 * self.n_head, D // self.n_head).transpose(1, 2), cos, sin)
         q, k = qk.split(self.n_head, dim=1)  # [B, nh, T, hs] each
         v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         if cache is not None:  # generating: attend to the cached positions too
@@ -357,7 +359,7 @@ class GPT(nn.Module):
         pos = cache.pos if cache is not None else 0  # the position of idx[:, 0]
         assert pos + T <= self.config.block_size, f"sequence length {pos + T} > block_size {self.config.block_size}"
         x = self.transformer.wte(idx)  # [B, T, D]
-        cos, sin = self.rope_cos[pos:], self.rope_sin[pos:]  # RoPE angles from position pos on
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # RoPE angles of these positions
         aux_losses, stats, state = [], [], None  # state: RMoE's, from layer to layer of each position
         for block in self.transformer.h:
             x, layer_aux, layer_stats, state = block(x, cos, sin, state, cache)
@@ -369,7 +371,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         info = {k: torch.stack([s[k] for s in stats]) for k in (stats[0] if stats else {})}
         if targets is None:  # inference: only the last position's logits are needed
-            return self.lm_head(x[:, [-1], :]), None, info
+            return self.lm_head(x[:, -1:, :]), None, info
         logits = self.lm_head(x)
         lm_loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         # A dense model adds nothing: in torch 2.13, compiling `loss + 0` next to a returned

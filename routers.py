@@ -235,7 +235,7 @@ class Router(nn.Module):
         themselves, or any scores of the same tokens ([N, E]: Default MoE's unchosen experts)."""
         if self.renorm:
             s = s / top_s.sum(dim=-1, keepdim=True)
-        return s * self.route_scale
+        return s * self.route_scale if self.route_scale != 1 else s  # (x 1 is exact: one op saved)
 
     def selection_scores(self, probs):
         """What top-k (top-1 per group) ranks: the probabilities, plus the balancing bias under

@@ -46,7 +46,7 @@ class KVCache:
         return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: ~7 % of a one-position step on a CPU
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, kv_cache=True,
              refill=None, on_token=None):
     """Extend idx [B, T] by max_new_tokens sampled tokens, in eval mode (sampling is dropless).
@@ -82,7 +82,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=No
             logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('inf')
+                logits[logits < v[:, -1:]] = -float('inf')
             idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
         idx = torch.cat((idx, idx_next), dim=1)
         if on_token is not None:

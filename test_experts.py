@@ -72,8 +72,11 @@ def dense_reference(x, gates, w_in, w_out):
 
 def assert_matches_loop(inputs, dy, impl='grouped'):
     names = ('y', 'dx', 'dgates', 'dw_in', 'dw_out')
-    for name, got, want in zip(names, run(impl, inputs, dy), run('loop', inputs, dy)):
+    outputs = run(impl, inputs, dy)
+    for name, got, want in zip(names, outputs, run('loop', inputs, dy)):
         torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{impl} {name}: {m}')
+    with torch.inference_mode():  # eager inference calls the grouped op's body without the op: the same numbers
+        assert torch.equal(moe_ffn(*inputs, impl), outputs[0])
 
 # -----------------------------------------------------------------------------
 # every backend vs loop on random shapes and routings
@@ -105,11 +108,11 @@ def test_backend_matches_loop_topk_routing(impl, N, D, H, E, seed, data):
        seed=st.integers(0, 2**16), relu=st.booleans())
 def test_decode_path_matches_loop(N, D, H, E, seed, relu):
     """decode_ffn, the generation step's pair-by-pair path, computes the loop's forward (it has no
-    backward: generation runs under no_grad)."""
+    backward: generation runs under inference_mode)."""
     gen = torch.Generator().manual_seed(seed)
     active = relu_mask(N, E, gen) if relu else topk_mask(N, E, min(E, 2), gen)
     (x, gates, w_in, w_out), _ = make_inputs(N, D, H, E, active, seed)
-    with torch.no_grad():
+    with torch.inference_mode():
         torch.testing.assert_close(experts.decode_ffn(x, gates, w_in, w_out), moe_ffn(x, gates, w_in, w_out, 'loop'), **TOL)
         if not active.any():
             assert (experts.decode_ffn(x, gates, w_in, w_out) == 0).all()
