@@ -365,5 +365,36 @@ def test_claims_print_the_numbers_they_decided_on():
     assert len(lines) == 7  # the claims whose runs are missing are left out
     # ReMoE Fig. 6b: the gain at each E, seed by seed
     rows.update({'topk-e16': row('topk', dense, 16), 'remoe-e16': row('remoe', dense - [0.030, 0.028, 0.033], 16)})
-    grows = [line for line in report.claims(rows) if 'gain at E=8 < gain at E=16' in line]
-    assert len(grows) == 1 and '**holds**' in grows[0]
+    lines = report.claims(rows)
+    at = lines.index("- ReMoE's gain over top-k grows with the number of experts (ReMoE Fig. 6b), E by E:")
+    assert lines[at + 1].startswith('  - at E=8: remoe < topk: **holds**: gain (topk − remoe) +0.0093 ± ')
+    assert lines[at + 2].startswith('  - at E=16: remoe < topk: **holds**: gain (topk − remoe) +0.0303 ± ')
+    assert lines[at + 3].startswith('  - gain at E=8 < gain at E=16: **holds**: difference -0.0210 ± ')
+    assert len(lines) == at + 4  # two topk and two remoe runs: the claims that need one of each are left out
+
+
+def test_trend_claims_pair_the_gain_seed_by_seed():
+    """Granularity (ReMoE §4.3) and depth (RMoE Fig. 2): the gain at each value is decided on its
+    own, and a gain that grows is decided on the per-seed change of the gain, not on the means."""
+    report = pytest.importorskip('lab.report')
+    def row(kind, val, **run):
+        return {'kind': kind, 'run': {'n_expert': 8, 'n_layer': 4, **run}, 'val': list(val), 'domains': {}}
+    base = np.array([1.50, 1.58, 1.54])  # seeds far apart; the gains small and paired
+    rows = {'topk': row('topk', base), 'remoe': row('remoe', base - [0.010, 0.012, 0.011]),  # no key: G = 1
+            'topk-g4': row('topk', base - 0.02, expert_granularity=4),
+            'remoe-g4': row('remoe', base - 0.02 + [0.001, -0.002, 0.002], expert_granularity=4)}
+    assert report.claims(rows) == report.trend(rows, *report.TRENDS[1])  # only the granularity claim applies
+    lines = report.trend(rows, *report.TRENDS[1])
+    assert lines[0] == '- ReMoE < top-k at every expert granularity (ReMoE §4.3, Fig. 6c), G by G:'
+    assert lines[1].startswith('  - at G=1: remoe < topk: **holds**')
+    assert lines[2].startswith('  - at G=4: remoe < topk: **not decided at this scale**')  # a sign flip
+    assert len(lines) == 3  # no "grows" line: the claim is that it holds at every G
+    # depth: RMoE's gain grows from 4 to 8 layers in every seed, by 0.005-0.006, on seeds 0.08 apart
+    rows = {'topk': row('topk', base), 'rmoe': row('topk-recurrent', base + [0.002, -0.001, 0.001]),
+            'topk-8': row('topk', base - 0.05, n_layer=8),
+            'rmoe-8': row('topk-recurrent', base - 0.05 + [-0.003, -0.007, -0.004], n_layer=8)}
+    lines = report.trend(rows, *report.TRENDS[2])
+    assert lines[1].startswith('  - at layers=4: topk-recurrent < topk: **not decided at this scale**')
+    assert lines[2].startswith('  - at layers=8: topk-recurrent < topk: **holds**')
+    assert lines[3].startswith('  - gain at layers=4 < gain at layers=8: **holds**: difference -0.0053 ± ')
+    assert report.trend({'topk': rows['topk'], 'rmoe': rows['rmoe']}, *report.TRENDS[2]) == []  # one depth

@@ -173,15 +173,50 @@ def tables(rows):
     return lines
 
 
-def _one(rows, name, n_expert=None, exact=False):
-    """The single label of a kind (at a given E), or None if there is none or several. Without a run
-    of that kind, its unrenormalised twin (name + '-norenorm': an older bake-off's top-k) stands in
-    unless `exact`."""
+def _one(rows, name, exact=False, **setting):
+    """The single label of a kind (with a setting, e.g. n_expert=32), or None if there is none or
+    several. Without a run of that kind, its unrenormalised twin (name + '-norenorm': an older
+    bake-off's top-k) stands in unless `exact`."""
     def find(wanted):
-        return [k for k, r in rows.items()
-                if r['kind'] == wanted and (n_expert is None or r['run']['n_expert'] == n_expert)]
+        return [k for k, r in rows.items() if r['kind'] == wanted
+                and all(r['run'].get(key, TREND_DEFAULTS.get(key)) == v for key, v in setting.items())]
     found = find(name) or ([] if exact or name.endswith('-norenorm') else find(name + '-norenorm'))
     return found[0] if len(found) == 1 else None
+
+
+# The papers' claims about a trend: how A's gain over B (B − A, seed by seed) moves along one setting.
+# (setting, its name in lines, A's kind, B's kind, claim, source, whether the gain should grow)
+TRENDS = (
+    ('n_expert', 'E', 'remoe', 'topk', "ReMoE's gain over top-k grows with the number of experts",
+     'ReMoE Fig. 6b', True),
+    ('expert_granularity', 'G', 'remoe', 'topk', 'ReMoE < top-k at every expert granularity',
+     'ReMoE §4.3, Fig. 6c', False),
+    ('n_layer', 'layers', 'topk-recurrent', 'topk', "RMoE's gain over top-k grows with depth",
+     'RMoE Fig. 2', True),
+)
+TREND_DEFAULTS = {'expert_granularity': 1}  # logs made before a setting existed ran at its default
+
+
+def trend(rows, key, short, a, b, text, source, grows):
+    """Lines for one TRENDS claim: A's gain over B at each value of `key` that has exactly one run of
+    each, then (if the claim is that it grows) the gain at each value against the next. The entries
+    that differ only in `key` are compared: seed s of all of them saw the same batches, so each
+    seed has its own gain at each value, and the change of the gain is paired too. Needs two values."""
+    values = sorted({r['run'].get(key, TREND_DEFAULTS.get(key)) for r in rows.values()})
+    found = [(v, _one(rows, a, **{key: v}), _one(rows, b, **{key: v})) for v in values]
+    gains = {v: np.subtract(rows[lb]['val'], rows[la]['val']) for v, la, lb in found if la and lb}
+    if len(gains) < 2:
+        return []
+    lines = [f'- {text} ({source}), {short} by {short}:']
+    for v, g in gains.items():  # the gain B − A > 0 is "A < B"
+        p = verdict(g, '>')
+        lines.append(f'  - at {short}={v}: {a} < {b}: **{p.verdict}**: gain ({b} − {a}) {numbers(p)}')
+    if grows:
+        order = list(gains)
+        for v1, v2 in zip(order, order[1:]):
+            p = verdict(gains[v1] - gains[v2], '<')
+            lines.append(f'  - gain at {short}={v1} < gain at {short}={v2}: **{p.verdict}**: difference {numbers(p)}')
+    return lines
 
 
 HOLDS, REVERSED, UNDECIDED, ONE_SEED = 'holds', 'reversed', 'not decided at this scale', 'one seed: not decided'
@@ -261,18 +296,8 @@ def claims(rows):
     claim('expert prototyping < top-k at equal compute', 'M6-T abstract', [_one(rows, 'prototype'), _one(rows, 'topk')])
     claim('recurrent ReMoE < ReMoE (the GRU helps ReLU routing too; no paper tests it)', 'this repo',
           [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
-    # ReMoE Fig. 6b: needs top-k and ReMoE at two or more expert counts; seed s of all four runs
-    # saw the same batches, so each seed has its own gain at each E
-    experts = sorted({r['run']['n_expert'] for r in rows.values()})
-    pairs = [(e, _one(rows, 'topk', e), _one(rows, 'remoe', e)) for e in experts]
-    pairs = [(e, t, r) for e, t, r in pairs if t and r]
-    if len(pairs) >= 2:
-        gains = {e: np.subtract(rows[t]['val'], rows[r]['val']) for e, t, r in pairs}
-        out.append("- ReMoE's gain over top-k (top-k − ReMoE) grows with E (ReMoE Fig. 6b): gains "
-                   + '; '.join(f'E={e}: {numbers(verdict(g, ">"))}' for e, g in gains.items()) + '; E by E:')
-        for (e1, _, _), (e2, _, _) in zip(pairs, pairs[1:]):
-            p = verdict(gains[e1] - gains[e2], '<')
-            out.append(f'  - gain at E={e1} < gain at E={e2}: **{p.verdict}**: difference {numbers(p)}')
+    for args in TRENDS:
+        out.extend(trend(rows, *args))
     # RMoE Table 5: passing the state beats not passing it (NP) and passing it detached; detached is
     # worse than no recurrence at all
     rmoe = _one(rows, 'topk-recurrent')
