@@ -31,6 +31,7 @@ Legend: N tokens, E experts, K active, D model width, H hidden (dense: 4D, exper
 """
 
 import argparse
+import copy
 import itertools
 import json
 import statistics
@@ -305,30 +306,47 @@ def sample_models(args, device):
     return {name: config_model(name) for name in names}
 
 
-def bench_sampling(models, args, device):
-    """(d): rows of tokens/s with the KV cache and without it, for one sample of args.new_tokens."""
+def bench_sampling(models, args, device, modes):
+    """(d): rows of tokens/s with the KV cache and without it, for one sample of args.new_tokens, in
+    each mode: eager, and compiled (model.compile(), as sample.py --compile; its compilation, timed
+    on its own, is a first draw past block_size, which meets every graph: prompt, step, refill)."""
     rows = []
     for name, model in models.items():
         model.to(device).eval()
         idx = torch.zeros(1, 1, dtype=torch.long, device=device)  # one token, as sample.py's default '\n'
+        eager_no_cache = None
+        for mode in modes:
+            torch._dynamo.reset()
+            m = model
+            if mode == 'compiled':
+                torch._dynamo.config.capture_dynamic_output_shape_ops = True  # as sample.py --compile
+                m = copy.deepcopy(model)
+                m.compile()
 
-        def draw(kv_cache, n=args.new_tokens, model=model, idx=idx):
-            torch.manual_seed(0)
-            generate(model, idx, n, temperature=0.8, top_k=200, kv_cache=kv_cache)
-            sync(device)
-        draw(True, 8), draw(False, 8)  # warm-up
-        t = time_interleaved({'cache': lambda: draw(True), 'no cache': lambda: draw(False)}, args.reps,
-                             warmup=0)
-        new = args.new_tokens
-        rows.append(('sample tok/s', name, f'{model.num_params(active=True) / 1e6:.2f}M active',
-                     f'{new} new tokens', f'{new / t["cache"]:,.0f} / {new / t["no cache"]:,.0f}',
-                     t['no cache'] / t['cache'], f'{1e3 * t["cache"] / new:.2f} / {1e3 * t["no cache"] / new:.2f} ms'))
-        print(f'  done sampling {name}', file=sys.stderr)
+            def draw(kv_cache, n=args.new_tokens, m=m):
+                torch.manual_seed(0)
+                generate(m, idx, n, temperature=0.8, top_k=200, kv_cache=kv_cache)
+                sync(device)
+            warm = {}
+            for kv_cache in (True, False):  # warm-up (compiled: compilation)
+                t0 = time.perf_counter()
+                draw(kv_cache, model.config.block_size + 8)
+                warm[kv_cache] = time.perf_counter() - t0
+            t = time_interleaved({'cache': lambda: draw(True), 'no cache': lambda: draw(False)}, args.reps,
+                                 warmup=0)
+            new = args.new_tokens
+            eager_no_cache = t['no cache'] if mode == 'eager' else eager_no_cache
+            how = mode if mode == 'eager' else f'compiled ({warm[True]:.0f} / {warm[False]:.0f} s to compile)'
+            rows.append(('sample tok/s', name, how, f'{new / t["cache"]:,.0f} / {new / t["no cache"]:,.0f}',
+                         f'{eager_no_cache / t["cache"]:.2f}' if eager_no_cache else '-', t['no cache'] / t['cache'],
+                         f'{1e3 * t["cache"] / new:.2f} / {1e3 * t["no cache"] / new:.2f} ms'))
+            print(f'  done sampling {name}, {mode}', file=sys.stderr)
     return rows
 
 
 HEADER = ('bench', 'shape / config', 'backend', 'mode', 'moe / dense', 'ratio', 'memory MB or MFU (moe / dense)')
-SAMPLE_HEADER = ('bench', 'config', 'parameters', 'tokens', 'cache / no cache tok/s', 'speed-up', 'per token')
+SAMPLE_HEADER = ('bench', 'config', 'mode', 'cache / no cache tok/s', 'cache / eager no cache', 'speed-up',
+                 'per token')
 
 
 def print_table(rows, title, header=HEADER):
@@ -348,7 +366,7 @@ def main():
     p.add_argument('--D', default='256,768')
     p.add_argument('--Ek', default='8,2;8,1;64,8', help='(E, K) pairs: "E,K;E,K"')
     p.add_argument('--backends', default='', help="default: loop,grouped (+ triton on CUDA)")
-    p.add_argument('--modes', default='eager,compiled')
+    p.add_argument('--modes', default='eager,compiled', help='eager, compiled or both (the layer rows and --sample)')
     p.add_argument('--reps', type=int, default=0, help='timed repetitions (default 10; --sample: 3)')
     p.add_argument('--uniform', action='store_true', help='forced-uniform routing (kernel speed without imbalance)')
     p.add_argument('--e2e', default='', help="configs to train against dense; default: the small ones; 'none' skips")
@@ -376,8 +394,9 @@ def main():
             sys.exit(f'error: {e}')
         print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
               f"{torch.get_num_threads()} threads, fp32, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-        print_table(bench_sampling(models, args, device), 'speed-up = tokens/s with the KV cache / without it',
-                    SAMPLE_HEADER)
+        print(f'{args.new_tokens} new tokens from a one-token prompt, medians of {args.reps} interleaved draws')
+        print_table(bench_sampling(models, args, device, args.modes.split(',')),
+                    'speed-up = tokens/s with the KV cache / without it, in the same mode', SAMPLE_HEADER)
         return
     try:
         runs = load_runs(args.ckpts.split(','), device) if args.ckpts else {}

@@ -114,6 +114,20 @@ def decode_ffn(x, gates, w_in, w_out):
                 y_n.add_(swiglu(x_n @ w_in[e]) @ w_out[e], alpha=g_ne)      # [D] <- [H] <- [2H] <- [D]
     return y
 
+
+@torch.library.custom_op('moe::decode_ffn', mutates_args=())
+def decode_ffn_op(x: Tensor, gates: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
+    """decode_ffn inside a compiled generation step: one opaque op with a static [N, D] output, so the
+    step stays one graph of fixed shapes (its Python loop, traced, would break the graph and
+    recompile on every gate value). Eager code calls decode_ffn itself (no dispatch, no import of
+    torch._dynamo at start-up)."""
+    return decode_ffn(x, gates, w_in, w_out)
+
+
+@decode_ffn_op.register_fake
+def _(x, gates, w_in, w_out):
+    return torch.empty_like(x)
+
 # -----------------------------------------------------------------------------
 # grouped: sorted pairs + F.grouped_mm, as registered custom ops
 
@@ -443,7 +457,7 @@ class Experts(nn.Module):
         """x [N, D], gates [N, E] -> y [N, D] (sums=True: and each expert's summed output [E, D]).
         decode=True: the few tokens of a generation step, pair by pair (decode_ffn), whatever the backend."""
         if decode:
-            return decode_ffn(x, gates, self.w_in, self.w_out)
+            return (decode_ffn_op if torch.compiler.is_compiling() else decode_ffn)(x, gates, self.w_in, self.w_out)
         return moe_ffn(x, gates, self.w_in, self.w_out, resolve_impl(self.impl, x.device.type), sums)
 
     def extra_repr(self):

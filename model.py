@@ -189,12 +189,10 @@ class CausalSelfAttention(nn.Module):
         qk = apply_rope(qk.view(B, T, 2 * self.n_head, D // self.n_head).transpose(1, 2), cos, sin)
         q, k = qk.split(self.n_head, dim=1)  # [B, nh, T, hs] each
         v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+        mask = None  # causal: training, and a prefill (it starts at position 0)
         if cache is not None:  # generating: attend to the cached positions too
-            k, v = cache.append(self.layer, k, v)  # [B, nh, pos + T, hs]
-        # causal; one new position (T = 1, a cached step) sees every key, and a prefill starts at 0.
-        # (`if`, not `T > 1` as the argument: torch.compile may make T a symbol, and sdpa wants a bool)
-        causal = True if cache is None or T > 1 else False
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, nh, T, hs]
+            k, v, mask = cache.append(self.layer, k, v)  # a step: the whole buffer, the positions held unmasked
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, nh, T, hs]
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, D))
 
 
@@ -232,8 +230,7 @@ class MoE(nn.Module):
         x = x.view(B * T, D)
         # T: the sequence-wise balance loss needs the sequences (T varies when generating)
         gates, aux_loss, stats, state = self.router(x, state, seq_len=T, measure=not generating)  # gates: [N, E]
-        # (compiled code keeps the backends: decode_ffn's Python loop over the pairs would break the graph)
-        decode = generating and T == 1 and x.device.type == 'cpu' and not torch.compiler.is_compiling()
+        decode = generating and T == 1 and x.device.type == 'cpu'  # (compiled: as one custom op)
         if self.router.dense_grad and not generating:  # Default MoE (TopKRouter): the EMA's data out
             y, stats['expert_sum'] = self.experts(x, gates, sums=True)  # [N, D], [E, D] fp32
             stats['expert_count'] = (gates > 0).sum(0).float()  # [E] the tokens each expert ran
@@ -359,7 +356,10 @@ class GPT(nn.Module):
         pos = cache.pos if cache is not None else 0  # the position of idx[:, 0]
         assert pos + T <= self.config.block_size, f"sequence length {pos + T} > block_size {self.config.block_size}"
         x = self.transformer.wte(idx)  # [B, T, D]
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # RoPE angles of these positions
+        if pos > 0 and T == 1:  # one generated position, at a tensor index: one graph for every step (KVCache)
+            cos, sin = self.rope_cos[cache.at], self.rope_sin[cache.at]
+        else:  # training, or a prefill
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # RoPE angles of these positions
         aux_losses, stats, state = [], [], None  # state: RMoE's, from layer to layer of each position
         for block in self.transformer.h:
             x, layer_aux, layer_stats, state = block(x, cos, sin, state, cache)
@@ -367,7 +367,7 @@ class GPT(nn.Module):
                 aux_losses.append(layer_aux)
                 stats.append(layer_stats)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.transformer.ln_f(x)
         info = {k: torch.stack([s[k] for s in stats]) for k in (stats[0] if stats else {})}
         if targets is None:  # inference: only the last position's logits are needed

@@ -25,25 +25,44 @@ class KVCache:
     """Generation's memory: every layer's keys and values of the positions seen so far, so that a new
     token runs one position through the model instead of the whole context. `pos` positions are
     held (the next token's position); GPT.forward advances it. The buffers take the dtype and
-    device of the first keys stored: per layer, [B, nh, max_len, hs] each."""
+    device of the first keys stored: per layer, [B, nh, max_len, hs] each.
+
+    A one-position step has the same shapes at every position, so that torch.compile makes one graph
+    of it (and a GPU could replay it as a CUDA graph): its position is a tensor, `at` [1], its keys
+    and values are written at that index, and attention reads the whole buffer under `mask`
+    [1, max_len], the positions 0..at. Only a prefill (from position 0) has a length of its own."""
 
     def __init__(self, n_layer, max_len):
         self.n_layer, self.max_len, self.pos = n_layer, max_len, 0
-        self.k = self.v = None
+        self.k = self.v = self.at = self.mask = None
 
     def append(self, layer, k, v):
-        """Store k, v [B, nh, T, hs] of positions pos..pos+T-1 in `layer`; return that layer's keys
-        and values of positions 0..pos+T-1. A call of several positions must start at 0 (a prefill):
-        the attention that reads them is causal from position 0, or a single new position."""
+        """Store k, v [B, nh, T, hs] of positions pos..pos+T-1 in `layer`; return that layer's keys,
+        values and the mask of those a query may see (None: causal from 0). A call of several
+        positions must start at 0 (a prefill): the attention that reads them is causal from
+        position 0, or a single new position."""
         B, nh, T, hs = k.shape
         assert self.pos == 0 or T == 1, f"{T} positions appended after {self.pos}: prefill from 0, then one at a time"
         if self.k is None:  # a list per layer, not one stacked tensor: no indexing op per step
             self.k = [k.new_zeros(B, nh, self.max_len, hs) for _ in range(self.n_layer)]
             self.v = [k.new_zeros(B, nh, self.max_len, hs) for _ in range(self.n_layer)]
-        end = self.pos + T
-        self.k[layer].narrow(2, self.pos, T).copy_(k)
-        self.v[layer].narrow(2, self.pos, T).copy_(v)
-        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
+            # row p: the positions a query at p sees; row max_len (a full cache, never read) spares
+            # advance() a branch on pos, which torch.compile would guard (a graph for the last step)
+            self.causal = torch.ones(self.max_len + 1, self.max_len, dtype=torch.bool, device=k.device).tril()
+            self.at = torch.zeros(1, dtype=torch.long, device=k.device)
+        if self.pos == 0:  # a prefill: positions 0..T-1, causal
+            self.k[layer][:, :, :T] = k
+            self.v[layer][:, :, :T] = v
+            return self.k[layer][:, :, :T], self.v[layer][:, :, :T], None
+        self.k[layer][:, :, self.at] = k  # one position, at a tensor index (an index_put_, which
+        self.v[layer][:, :, self.at] = v  # inductor writes in place; index_copy_ would copy the buffer)
+        return self.k[layer], self.v[layer], self.mask  # [B, nh, max_len, hs] x 2, [1, max_len]
+
+    def advance(self, T):
+        """After a forward of T positions: the next position, as an int and as `at` and `mask`."""
+        self.pos += T
+        self.at.fill_(self.pos)
+        self.mask = self.causal[self.at]  # [1, max_len]
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: ~7 % of a one-position step on a CPU
@@ -82,8 +101,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=No
             logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, -1:]] = -float('inf')
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+                logits.masked_fill_(logits < v[:, -1:], -float('inf'))
+            # torch.multinomial(probs, 1) without its input checks (~2/3 of its time at one token): the
+            # same exponential race (argmax of p / q, q ~ Exp(1)), so the same tokens for the same seed
+            probs = F.softmax(logits, dim=-1)
+            idx_next = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
         idx = torch.cat((idx, idx_next), dim=1)
         if on_token is not None:
             on_token(idx_next)
@@ -140,7 +162,7 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=1337)
     p.add_argument('--device', default='', help="'' = cuda if available, else cpu")
     p.add_argument('--compile', action='store_true',
-                   help='torch.compile the model first (four graphs, minutes on a CPU; README: Sampling)')
+                   help='torch.compile the model first (three graphs, a minute on a CPU; README: Sampling)')
     args = p.parse_args(argv)
 
     def die(msg):

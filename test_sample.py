@@ -136,6 +136,34 @@ def test_cache_prefill_then_single_positions_match_full_forwards():
             model(idx[:, :1], cache=cache)
 
 
+def test_compiled_cache_steps_match_eager_with_one_graph_for_every_step():
+    """sample.py --compile: the compiled model driven through the cache as generate drives it (a
+    prompt, one position at a time to a full cache, a refill, more steps) gives the eager uncached
+    logits at every step, from three graphs (prompt, step, refill) whatever the position and the
+    gates: ReMoE's varying number of active experts runs inside one op (moe::decode_ffn)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny(router='remoe')
+    compiled = tiny(router='remoe')
+    compiled.compile()
+    idx = torch.randint(0, N_VOCAB, (1, BLOCK + 4))
+    cache, refill = KVCache(model.config.n_layer, BLOCK), 10
+    with torch.inference_mode(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = {t: compiled(idx[:, t:t + 1] if t > 2 else idx[:, :3], cache=cache)[0] for t in range(2, BLOCK)}
+        assert cache.pos == BLOCK
+        cache.pos = 0  # full: refill with the last `refill` tokens, from position 0, as generate does
+        start = BLOCK - refill
+        got_refill = {t: compiled(idx[:, start:t + 1] if t == BLOCK - 1 else idx[:, t:t + 1], cache=cache)[0]
+                      for t in range(BLOCK - 1, BLOCK + 4)}
+        for t, logits in got.items():
+            torch.testing.assert_close(logits, model(idx[:, :t + 1])[0], rtol=1e-4, atol=1e-4)
+        for t, logits in got_refill.items():
+            torch.testing.assert_close(logits, model(idx[:, start:t + 1])[0], rtol=1e-4, atol=1e-4)
+    assert counters['stats']['unique_graphs'] == 3, dict(counters['stats'])
+    assert not counters['graph_break'], dict(counters['graph_break'])
+
+
 def test_generate_is_dropless_and_restores_training_mode():
     """Capacity dropping is for training: generate in a model left in train mode runs in eval mode
     (its logits those of the eval-mode uncached loop) and hands the model back in train mode."""
