@@ -5,7 +5,7 @@ then write a results table and plots of what each router does.
     python bakeoff.py                  # every router, 3 seeds, multidomain bytes -> results/default/
     python bakeoff.py --quick          # every router, 1 seed, 600 steps          -> results/quick/
     python bakeoff.py --runs=topk,remoe --set=n_expert=16 --name=e16
-    python bakeoff.py --jobs=2                 # two runs at a time, one thread each (~1.5x on 2 cores)
+    python bakeoff.py --jobs=1                 # one run at a time (default: 2 on a CPU of 2+ cores, 1 with a GPU)
     python bakeoff.py --runs="base:remoe,slow:remoe+remoe_alpha=1.1" --dataset=shakespeare_char --name=alpha
 
 A run entry is [label:]config[+key=value...]: a config file, named as train.py takes it (topk,
@@ -35,6 +35,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 import configurator
 import data
@@ -234,7 +236,8 @@ def main(argv=None):
     p.add_argument('--runs', default=DEFAULT_RUNS, help=f"[label:]config[+key=value...], comma-separated "
                    f"(default: {DEFAULT_RUNS})")
     p.add_argument('--seeds', type=int, default=None, help='seeds per run (default 3, --quick 1)')
-    p.add_argument('--jobs', type=int, default=1, help='runs trained at a time, sharing the cores (default 1)')
+    p.add_argument('--jobs', type=int, default=None, help='runs trained at a time, sharing the cores (default: '
+                   '2 on a CPU of 2 or more cores, where two one-thread runs do ~1.5x the work of one on two; 1 with a GPU)')
     p.add_argument('--dataset', default='multidomain', help="every run's dataset (default multidomain)")
     p.add_argument('--max_iters', type=int, default=None, help='training steps per run (default 1500, --quick 600)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -247,6 +250,8 @@ def main(argv=None):
     p.add_argument('--rescore', action='store_true', help='score again, on every validation token, the '
                    'finished runs made before train.py did so (no training); without it such runs stop the bake-off')
     args = p.parse_args(argv)
+    if args.jobs is None:
+        args.jobs = 2 if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1
     seeds = args.seeds or (1 if args.quick else 3)
     max_iters = args.max_iters or (600 if args.quick else 1500)
     folder = Path(args.results) / (args.name or ('quick' if args.quick else 'default'))

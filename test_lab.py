@@ -195,7 +195,7 @@ def one_line_error(proc, needle):
 
 def test_bakeoff_end_to_end(tmp_path):
     """Two routers, one seed, a few steps on a tiny model: table, plots, reuse and refusals."""
-    args = ['--runs=topk,remoe', '--seeds=1', '--max_iters=12', '--dataset=shakespeare_char', '--name=t', *TINY]
+    args = ['--runs=topk,remoe', '--seeds=1', '--max_iters=12', '--dataset=shakespeare_char', '--name=t', '--jobs=1', *TINY]
     proc = lab(tmp_path, *args)
     folder = tmp_path / 'results' / 't'
     assert '[1/2] topk-s1337: training' in proc.stdout and '[2/2] remoe-s1337: training, bake-off ETA' in proc.stdout

@@ -2,7 +2,8 @@
 Generation with the KV cache (sample.KVCache, sample.generate) against the uncached loop that runs the
 whole context every step: the same logits at every step for every router, up to block_size, and
 past it the documented refill (every logit that of an uncached forward on the crop the cache
-holds). Then sample.py: padding ids never sampled, streamed text equal to the decoded text.
+holds), and compiled, from three graphs. Then sample.py: padding ids never sampled, streamed text
+equal to the decoded text.
 Tiny models, weights at a large init (0.15) so that attention and routing are far from uniform;
 fp32 at a tolerance of 2e-5 (the cached and uncached paths differ by ~1e-6 at this init).
 """
