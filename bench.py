@@ -7,7 +7,7 @@ training of every config against configs/dense.py. Prints one table of ratios (m
     python bench.py --T=4096 --D=256 --Ek=8,2 --e2e=topk   # any slice of the grid
     python bench.py --T=512,4096 --Ek=8,2 --e2e=none --peer  # + the transformers Mixtral block
     python bench.py --T=none --e2e=none --ckpts=out-dense,out-topk,out-remoe   # trained models' steps
-    python bench.py --sample         # sampling tokens/s with and without the KV cache, every config
+    python bench.py --sample         # sampling tokens/s with and without the KV cache, eager and compiled
     python bench.py --sample --ckpts=out-remoe --new_tokens=1000    # ... of trained checkpoints
 
 (a) Layer: x [N, D] -> top-k router -> experts, for each backend, eager and compiled (fullgraph),
@@ -24,8 +24,9 @@ training of every config against configs/dense.py. Prints one table of ratios (m
     step by step interleaved in one process; ratios against the first checkpoint.
 (d) --sample (on its own): sample.generate's tokens/s for one sample of --new_tokens tokens from a one-token
     prompt (sample.py's defaults: temperature 0.8, top-k 200), with the KV cache and without it (the
-    whole context every step), interleaved rep by rep in one process, medians. The CPU configs' shapes
-    with random weights (and the *_182m ones on a GPU), or the checkpoints of --ckpts.
+    whole context every step), interleaved rep by rep in one process, medians; in each of --modes
+    (eager, and compiled as sample.py --compile), each against the eager uncached loop too. The CPU
+    configs' shapes with random weights (and the *_182m ones on a GPU), or the checkpoints of --ckpts.
 
 Legend: N tokens, E experts, K active, D model width, H hidden (dense: 4D, expert: 4D/K).
 """
