@@ -66,7 +66,9 @@ def test_one_bad_step_is_skipped_and_training_goes_on(tmp_path, data_dir, monkey
 
 
 def test_sigterm_saves_without_evaluating_and_a_second_one_stops_at_once(tmp_path, data_dir):
-    slow = ['--block_size=8192', '--max_iters=1000', '--eval_interval=500', '--log_interval=1']  # steps of seconds
+    # steps of seconds (~4 s on 2 cores in 2026-12): the second signal below must land mid-step, 1.2 s after the
+    # first (at --batch_size=4 a step took 0.95 s on an idle machine, and the run saved and exited before it)
+    slow = ['--block_size=8192', '--batch_size=16', '--max_iters=1000', '--eval_interval=500', '--log_interval=1']
     out = tmp_path / 'once'
     proc = start(tmp_path, data_dir, *slow, f'--out_dir={out}')
     wait_for_step(out, 1, proc)
