@@ -185,7 +185,7 @@ def routing_snapshot(out_dir, n_windows=512, batch=64, data_dir=None, seed=0):
         'domain_names': meta.get('domains', []),
         'gates': torch.cat(per_layer).numpy(),
         'counts': np.bincount(train, minlength=meta['vocab_size']),
-        'top_k': model.config.top_k,
+        'top_k': model.config.moe_shape()[1],  # the active experts per token, granularity included
         'tokenizer': tokenizer,
     }
 

@@ -119,7 +119,8 @@ def remoe_dynamics(runs, path):
         active = np.array([r['active_experts'] for r in steps])  # [steps, L]
         for layer in range(active.shape[1]):
             ax.plot(it, active[:, layer], lw=0.9, label=f'layer {layer}')
-        ax.axhline(log.run['top_k'], color='k', ls='--', lw=1, label=f"K = {log.run['top_k']}")
+        K = log.run['top_k'] * log.run.get('expert_granularity', 1)  # fine-grained: G x K active (ReMoE §4.3)
+        ax.axhline(K, color='k', ls='--', lw=1, label=f"K = {K}")
         ax.set_ylabel('active experts per token')
         ax.set_xlabel('training step')
         ax.set_title(f'{label}: experts per token, by MoE layer')
