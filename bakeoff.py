@@ -59,7 +59,7 @@ def parse_runs(text):
         label, _, spec = entry.rpartition(':') if ':' in entry.split('+')[0] else ('', '', entry)
         config, *overrides = spec.split('+')
         try:  # train.py's own rule, so an entry names the file train.py would run
-            path = os.path.abspath(configurator.find_config(config))  # absolute: train.py runs in REPO
+            path = config_path(configurator.find_config(config))
         except configurator.ConfigError as e:
             raise LabError(f"run {entry!r}: {e}") from None
         bad = [o for o in overrides if '=' not in o]
@@ -75,6 +75,14 @@ def parse_runs(text):
     if not runs:
         raise LabError("--runs is empty: name at least one config, e.g. --runs=topk,remoe")
     return runs
+
+
+def config_path(path):
+    """How a run names its config file: relative to the repo for one of its files ('configs/topk.py';
+    train.py runs in REPO), absolute for any other, so that a run folder still names the same config
+    when the repo is cloned or moved elsewhere."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def train_argv(config, overrides, common, seed, out_dir):
@@ -154,10 +162,15 @@ def train_all(folder, runs, seeds, common, jobs=1):
         state_path = out / 'run.json'
         state = json.loads(state_path.read_text()) if state_path.exists() else None
         # where a run lives is not how it was trained: a finished run copied from another bake-off
-        # with the same settings is reused
-        how = lambda args: [str(a) for a in args if not str(a).startswith('--out_dir=')]
+        # (or another clone of the repo) with the same settings is reused
+        def how(args):
+            config, *rest = [str(a) for a in args if not str(a).startswith('--out_dir=')]
+            legacy = Path(config)  # recorded before config_path: absolute, maybe in another clone
+            if legacy.is_absolute() and legacy.parent.name == 'configs' and (legacy.parents[1] / 'train.py').exists():
+                config = f'configs/{legacy.name}'
+            return [config, *rest]
         if state and how(state['argv']) != how(argv):
-            raise LabError(f"{out} was trained with another command ({' '.join(state['argv'][1:])}): "
+            raise LabError(f"{out} was trained with another command ({' '.join(state['argv'])}): "
                            f"give this entry another label or delete that folder")
         if state and state['done']:
             print(f"[{n}/{len(work)}] {name}: done before ({analysis.fmt_minutes(state['seconds'])})")

@@ -211,6 +211,15 @@ def test_bakeoff_end_to_end(tmp_path):
 
     again = lab(tmp_path, *args, '--no_plots')  # finished runs are reused, never retrained
     assert '[2/2] remoe-s1337: done before' in again.stdout and (run / 'ckpt.pt').stat().st_mtime_ns == stamp
+    # ... also when made in another clone of the repo: the config is recorded relative to the repo, and
+    # a run recorded before that (an absolute path into the other clone's configs/) still matches
+    state = json.loads((run / 'run.json').read_text())
+    assert state['argv'][0] == 'configs/remoe.py', state['argv']
+    clone = tmp_path / 'clone'
+    (clone / 'configs').mkdir(parents=True)
+    (clone / 'train.py').write_text('')
+    (run / 'run.json').write_text(json.dumps({**state, 'argv': [str(clone / 'configs' / 'remoe.py'), *state['argv'][1:]]}))
+    assert '[2/2] remoe-s1337: done before' in lab(tmp_path, *args, '--no_plots').stdout
     assert 'every validation token once' in table and 'one seed: not decided' in table
 
     # a run made before the full-split score: its log ends with a sampled val loss. It stops the
