@@ -168,6 +168,8 @@ def test_plots_from_synthetic_snapshots(tmp_path):
     snaps = {'remoe': snapshot(relu, domains, tokens, counts), 'topk': snapshot(topk, domains, tokens, counts),
              'dense': None}
     _png(plots.rare_tokens(snaps, tmp_path / 'rare.png'))
+    fine = {**snaps['remoe'], 'top_k': 4}  # K x G of a fine-grained run: each run gets its own K line
+    _png(plots.rare_tokens({'remoe': snaps['remoe'], 'remoe-g4': fine}, tmp_path / 'rare_g4.png'))
     assert plots.rare_tokens({'topk': snaps['topk'], 'dense': None}, tmp_path / 'none.png') is None
     _png(plots.domain_routing(snaps, tmp_path / 'domains.png'))
     no_domains = {'remoe': {**snaps['remoe'], 'domains': None}}

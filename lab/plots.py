@@ -234,7 +234,12 @@ def rare_tokens(snaps, path):
             for j in list(order[:3]) + list(order[-3:]):
                 ax.annotate(_byte_label(ids[j], snap['tokenizer']), (freq[j], experts[j]), fontsize=7,
                             xytext=(3, 3), textcoords='offset points')
-    ax.axhline(next(iter(variable.values()))['top_k'], color='k', ls='--', lw=1, label='K (top-k gives every token K)')
+    ks = {label: snap['top_k'] for label, snap in variable.items()}  # K x G: differs between granularities
+    if len(set(ks.values())) == 1:
+        ax.axhline(next(iter(ks.values())), color='k', ls='--', lw=1, label='K (top-k gives every token K)')
+    else:
+        for i, (label, k) in enumerate(ks.items()):
+            ax.axhline(k, color=COLORS[i % len(COLORS)], ls='--', lw=1, label=f'K = {k} of {label} (top-k: every token)')
     ax.set_xscale('log')  # token frequencies span several orders of magnitude (Zipf)
     ax.set_xlabel('token frequency in the training data (fraction of tokens, log scale)')
     ax.set_ylabel('active experts per MoE layer (mean)')
