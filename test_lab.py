@@ -172,6 +172,12 @@ def test_plots_from_synthetic_snapshots(tmp_path):
     _png(plots.rare_tokens({'remoe': snaps['remoe'], 'remoe-g4': fine}, tmp_path / 'rare_g4.png'))
     assert plots.rare_tokens({'topk': snaps['topk'], 'dense': None}, tmp_path / 'none.png') is None
     _png(plots.domain_routing(snaps, tmp_path / 'domains.png'))
+    # a deeper run after a shallower one (the depth study) still gets a column for each of its layers
+    deep = snapshot(np.concatenate([relu, relu], axis=1), domains, tokens, counts)
+    width = lambda path: pytest.importorskip('matplotlib.pyplot').imread(path).shape[1]
+    both = width(plots.domain_routing({'remoe': snaps['remoe'], 'remoe-l4': deep}, tmp_path / 'mixed.png'))
+    assert both == width(plots.domain_routing({'remoe-l4': deep}, tmp_path / 'deep.png'))
+    assert both > width(plots.domain_routing({'remoe': snaps['remoe']}, tmp_path / 'shallow.png'))
     no_domains = {'remoe': {**snaps['remoe'], 'domains': None}}
     assert plots.domain_routing(no_domains, tmp_path / 'none.png') is None
 

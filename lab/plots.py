@@ -256,7 +256,7 @@ def domain_routing(snaps, path):
     snaps = {label: s for label, s in snaps.items() if s is not None and s['domains'] is not None}
     if not snaps:
         return None
-    L = next(iter(snaps.values()))['gates'].shape[1]
+    L = max(s['gates'].shape[1] for s in snaps.values())  # the deepest run's layers: a column each
     fig, axes = plt.subplots(len(snaps), L, figsize=(2.9 * L + 1.5, 1.9 * len(snaps) + 1.0), squeeze=False,
                              layout='constrained')
     for row, (label, snap) in enumerate(snaps.items()):
@@ -265,6 +265,9 @@ def domain_routing(snaps, path):
         E = share.shape[2]
         for layer in range(L):
             ax = axes[row, layer]
+            if layer >= len(share):  # a shallower run than the deepest
+                ax.axis('off')
+                continue
             # share x E: 1 (white) is the uniform share 1/E, as in expert_load's scale
             im = ax.imshow(share[layer] * E, cmap='RdBu_r', vmin=0, vmax=2, aspect='auto')
             ax.set_title(f'{label}, layer {layer}\nI(domain; expert) = {mi[layer]:.3f} bits', fontsize=8)
