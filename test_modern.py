@@ -1,7 +1,8 @@
 """
-The routers people train today (ROUTERS.md §5): DeepSeek-V3's sigmoid scoring with renormalised,
-scaled gates and its bias balancing, its sequence-wise balance loss, and Default MoE's dense router
-gradient (an EMA of each expert's output standing in for the experts a token did not choose).
+The routers people train today: DeepSeek-V3's (arXiv 2412.19437 §2.1) sigmoid scoring with
+renormalised, scaled gates and its bias balancing, its sequence-wise balance loss, and Default MoE's
+(arXiv 2504.12463) dense router gradient (an EMA of each expert's output standing in for the
+experts a token did not choose).
 """
 import io
 
@@ -62,7 +63,7 @@ def test_sigmoid_stats_and_switch_loss_see_normalised_scores():
     x = torch.randn(64, 6)
     _, aux_loss, stats, _ = router(x)
     torch.testing.assert_close(stats['entropy'], torch.log(torch.tensor(8.0)))
-    assert aux_loss.item() == pytest.approx(8 * sum(f * 1 / 8 for f in stats['load'] / 2), rel=1e-6)
+    assert aux_loss.item() == pytest.approx(8 * (stats['load'] / 2 / 8).sum().item(), rel=1e-6)  # numbers, not tensors
 
 
 @pytest.mark.parametrize('router', ['topk', 'prototype'])
