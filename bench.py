@@ -76,14 +76,36 @@ class MoELayer(nn.Module):
         return self.experts(x, gates)
 
 
+def import_mixtral():
+    """transformers' Mixtral config and MoE block, imported beside this repo's kernels.py.
+
+    transformers >= 5 imports the Hugging Face Hub's `kernels` package by that name when its
+    layers load, and this repo's kernels.py, on sys.path ahead of site-packages whenever a script
+    runs from the repo root (or the repo is on PYTHONPATH), shadows it: "cannot import name
+    'CUDAProperties' from 'kernels'". So transformers is imported with the repo's folder off
+    sys.path and our module out of sys.modules, and both are put back afterwards: experts.py keeps
+    this repo's kernels, transformers keeps the names it took from the Hub's."""
+    ours = sys.modules.pop('kernels', None)
+    path = sys.path[:]
+    sys.path[:] = [p for p in path if Path(p or '.').resolve() != REPO]
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    finally:
+        sys.path[:] = path
+        sys.modules.pop('kernels', None)
+        if ours is not None:
+            sys.modules['kernels'] = ours
+    return MixtralConfig, MixtralSparseMoeBlock
+
+
 class PeerLayer(nn.Module):
     """The transformers Mixtral block (router + SwiGLU experts) at the same shape, for --peer: its
     experts run as `impl` ('eager': transformers' per-expert loop, or 'grouped_mm')."""
 
     def __init__(self, D, E, K, impl):
         super().__init__()
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        MixtralConfig, MixtralSparseMoeBlock = import_mixtral()
         config = MixtralConfig(hidden_size=D, intermediate_size=4 * D // K, num_local_experts=E,
                                num_experts_per_tok=K, router_jitter_noise=0.0,
                                **({} if impl == 'eager' else {'experts_implementation': impl}))
