@@ -186,10 +186,12 @@ class StopSignals:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}).
 
     Before training starts the first signal ends the process: there is nothing to save. Once
-    `training` is set, the first one is recorded in `signum` (the loop saves and stops after the
-    step under way) and a second one, a second or more later, ends the process at once, the
-    checkpoint on disk being the last one completed. Signals within a second of each other count
-    once: under torchrun, Ctrl-C brings SIGINT from the terminal and SIGTERM from torchrun."""
+    `training` is set, the first one is recorded in `signum`: the loop looks at it before every
+    micro-step, drops a partial step, saves the last completed one and stops (train.py), and a
+    second one, a second or more later, ends the process at once, the checkpoint on disk being the
+    last one completed. Signals within a second of each other count once: under torchrun, Ctrl-C
+    brings SIGINT from the terminal and SIGTERM from torchrun, which forwards a SIGTERM to every
+    rank; `agreed` makes all ranks stop at the same micro-step whichever ranks got one."""
 
     def __init__(self, verbose=True):
         self.signum, self.time, self.training, self.verbose = None, 0.0, False, verbose
@@ -207,8 +209,8 @@ class StopSignals:
                 os._exit(128 + signum)
             self.signum, self.time = signum, time.time()
             if self.verbose:
-                print(f"{name}: saving a checkpoint after this step, then stopping (again to stop at once)",
-                      flush=True)
+                print(f"{name}: stopping after this micro-step, saving the last completed step (again to stop "
+                      f"at once)", flush=True)
 
     def agreed(self, d):
         """The signal number if any rank got one, so that every rank stops at the same step (a

@@ -174,14 +174,16 @@ def check(c, defaults):
     if not c['router_lr_scale'] > 0:
         raise ConfigError(f"router_lr_scale={c['router_lr_scale']} must be > 0 (it multiplies learning_rate "
                           f"for the routers)")
-    if c['max_iters'] < 0 or c['learning_rate'] <= 0:
-        raise ConfigError(f"max_iters={c['max_iters']} must be >= 0 and learning_rate={c['learning_rate']} > 0")
+    if c['max_iters'] < 0:
+        raise ConfigError(f"max_iters={c['max_iters']} must be >= 0 (0 only checks that the config starts)")
+    if not c['learning_rate'] > 0:
+        raise ConfigError(f"learning_rate={c['learning_rate']} must be > 0")
     if not (0 <= c['min_lr'] <= c['learning_rate']):
         raise ConfigError(f"min_lr={c['min_lr']} must be between 0 and learning_rate={c['learning_rate']} "
                           f"(the cosine decays from learning_rate down to min_lr)")
-    if c['warmup_iters'] < 0 or c['lr_decay_iters'] < 0:
-        raise ConfigError(f"warmup_iters={c['warmup_iters']} and lr_decay_iters={c['lr_decay_iters']} must be >= 0 "
-                          f"(lr_decay_iters=0 means max_iters)")
+    for name, what in (('warmup_iters', '0 = no warm-up'), ('lr_decay_iters', '0 = max_iters')):
+        if c[name] < 0:
+            raise ConfigError(f"{name}={c[name]} must be >= 0 ({what})")
     for name in ('beta1', 'beta2'):
         if not 0 <= c[name] < 1:
             raise ConfigError(f"{name}={c[name]} must be in [0, 1) (AdamW's moment decay)")
@@ -190,8 +192,10 @@ def check(c, defaults):
                        ('aux_loss_coef', '0 = none'), ('z_loss_coef', '0 = none')):
         if c[name] < 0:
             raise ConfigError(f"{name}={c[name]} must be >= 0 ({what})")
-    if not c['rope_theta'] > 0 or c['hf_max_tokens'] < 1:
-        raise ConfigError(f"rope_theta={c['rope_theta']} and hf_max_tokens={c['hf_max_tokens']} must be > 0")
+    if not c['rope_theta'] > 0:
+        raise ConfigError(f"rope_theta={c['rope_theta']} must be > 0 (RoPE's base; 10000.0 is usual)")
+    if c['hf_max_tokens'] < 1:
+        raise ConfigError(f"hf_max_tokens={c['hf_max_tokens']} must be a positive integer")
     if c['max_skipped_steps'] < 0:
         raise ConfigError(f"max_skipped_steps={c['max_skipped_steps']} must be >= 0")
     if c['dist_timeout'] <= 0:

@@ -139,9 +139,10 @@ class GPTConfig:
             if self.score != 'softmax':
                 raise ValueError(f"score={self.score!r} with router='remoe' is invalid: ReLU routing has no scores "
                                  f"to choose from (its gates are relu(x W)); use router='topk' for sigmoid scoring")
-            if not (self.remoe_alpha > 1 and self.remoe_lambda0 > 0):
-                raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 and "
-                                 f"remoe_lambda0={self.remoe_lambda0} > 0")
+            if not self.remoe_alpha > 1:
+                raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 (λ's multiplicative step, ReMoE eq. 7)")
+            if not self.remoe_lambda0 > 0:
+                raise ValueError(f"remoe_lambda0={self.remoe_lambda0} must be > 0 (λ's start, ReMoE eq. 7)")
         if self.dense_grad and self.router != 'topk':  # ReLU gates have no unchosen probabilities to train
             raise ValueError(f"dense_grad=True with router={self.router!r} is invalid: Default MoE is for "
                              f"router='topk' (the unchosen of its top-k)")

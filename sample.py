@@ -172,8 +172,9 @@ def main(argv=None):
     for name in ('num_samples', 'max_new_tokens'):
         if getattr(args, name) < 1:
             die(f"--{name}={getattr(args, name)} must be a positive integer")
-    if args.temperature < 0 or args.top_k < 0:
-        die(f"--temperature={args.temperature} and --top_k={args.top_k} must be >= 0")
+    for name, what in (('temperature', '0 = greedy'), ('top_k', '0 = all tokens')):
+        if getattr(args, name) < 0:
+            die(f"--{name}={getattr(args, name)} must be >= 0 ({what})")
     start = args.start
     if start.startswith('FILE:'):
         try:
@@ -182,6 +183,11 @@ def main(argv=None):
         except OSError as e:
             die(f"cannot read the prompt file {start[5:]!r} ({e.strerror})")
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:  # before the checkpoint: a device this machine lacks is not an unreadable checkpoint
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        why = str(e).splitlines()[0].split('. ')[0][:120]  # torch's first sentence: some run for a page
+        die(f"--device={device!r} is not usable on this machine ({why}): use --device=cpu")
     torch.manual_seed(args.seed)
     try:
         ckpt = load_checkpoint(f'{args.out_dir}/ckpt.pt', device)

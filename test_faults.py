@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import distributed
-from conftest import REPO, TINY, read_log, run_in_process, start, train, wait_for_step
+from conftest import REPO, TINY, read_log, run, run_in_process, start, train, wait_for_step
 from checkpoint import all_finite, load_checkpoint
 
 
@@ -74,7 +74,7 @@ def test_sigterm_saves_without_evaluating_and_a_second_one_stops_at_once(tmp_pat
     wait_for_step(out, 1, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and 'SIGTERM: saving a checkpoint after this step' in stdout
+    assert proc.returncode == 128 + signal.SIGTERM and 'SIGTERM: stopping after this micro-step' in stdout
     saved = load_checkpoint(out / 'ckpt.pt')['iter_num']
     assert saved >= 2 and [r['iter'] for r in read_log(out) if 'val_loss' in r] == [0]  # no evaluation
     assert max(r['iter'] for r in read_log(out) if 'loss' in r) == saved - 1
@@ -89,6 +89,49 @@ def test_sigterm_saves_without_evaluating_and_a_second_one_stops_at_once(tmp_pat
     _, stderr = proc.communicate(timeout=60)
     assert time.time() - t0 < 0.5 and proc.returncode == 128 + signal.SIGTERM, stderr
     assert 'SIGTERM: stopping now, without saving' in stderr and not (out / 'ckpt.pt').exists()
+
+
+def test_a_stop_in_a_long_accumulated_step_comes_within_a_micro_step(tmp_path, data_dir):
+    """100,000 micro-steps in a step (minutes of work): a SIGTERM in its middle ends the run within
+    seconds, with the state before that step saved (it once waited for the whole step: 8 minutes and on)."""
+    out = tmp_path / 'long'
+    proc = start(tmp_path, data_dir, '--gradient_accumulation_steps=100000', '--max_iters=2', f'--out_dir={out}')
+    t0 = time.time()
+    evaluated = lambda: (out / 'log.jsonl').exists() and any('val_loss' in r for r in read_log(out))
+    while not evaluated():  # the evaluation at iteration 0 is done: the first step is under way
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert time.time() - t0 < 30 and 'stopped in the middle of iteration 0 (micro-step ' in stdout, stdout
+    assert load_checkpoint(out / 'ckpt.pt')['iter_num'] == 0
+
+
+def test_a_stop_mid_step_resumes_to_the_uninterrupted_losses(tmp_path, data_dir):
+    """The partial step is dropped and the data order rewound to its start: resumed, the run replays
+    that step whole and every loss equals the uninterrupted run's."""
+    common = ['--max_iters=4', '--eval_interval=100', '--log_interval=1', '--warmup_iters=1',
+              '--gradient_accumulation_steps=300', '--router=remoe', '--remoe_lambda_floor=False']
+    train(tmp_path, data_dir, *common, f'--out_dir={tmp_path}/straight')
+    out = tmp_path / 'stopped'
+    proc = start(tmp_path, data_dir, *common, f'--out_dir={out}')
+    wait_for_step(out, 1, proc)  # iteration 1 is logged: iteration 2, 300 micro-steps, has begun
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and 'stopped in the middle of iteration 2' in stdout, stdout
+    ckpt = load_checkpoint(out / 'ckpt.pt')
+    assert ckpt['iter_num'] == 2 and max(steps_of(out)) == 1
+    train(tmp_path, data_dir, *common, '--init_from=resume', f'--out_dir={out}')
+    straight, resumed = steps_of(tmp_path / 'straight'), steps_of(out)
+    assert sorted(resumed) == list(range(4))
+    for it in range(4):
+        assert resumed[it] == pytest.approx(straight[it], rel=1e-5), it
+    lam = lambda d: [r['lambda'] for r in read_log(d) if 'loss' in r][-1]
+    assert lam(out) == lam(tmp_path / 'straight')  # λ saw each step once
 
 
 WRITER = """
@@ -165,9 +208,11 @@ def test_resume_after_sigkill_mid_step_gives_the_uninterrupted_losses(tmp_path, 
     (['--grad_clip=-1'], 'grad_clip=-1.0 must be >= 0 (0 = no clipping)'),
     (['--weight_decay=-0.1'], 'weight_decay=-0.1 must be >= 0'),
     (['--min_lr=1.0'], 'min_lr=1.0 must be between 0 and learning_rate=0.002'),
-    (['--warmup_iters=-3'], 'warmup_iters=-3 and lr_decay_iters=0 must be >= 0'),
+    (['--warmup_iters=-3'], 'warmup_iters=-3 must be >= 0'),
+    (['--learning_rate=-1'], 'learning_rate=-1.0 must be > 0'),
+    (['--router=remoe', '--remoe_alpha=1.0'], 'remoe_alpha=1.0 must be > 1'),
     (['--seed=-1'], 'seed=-1 must be >= 0'),
-    (['--rope_theta=0'], 'rope_theta=0.0 and hf_max_tokens=2000000000 must be > 0'),
+    (['--rope_theta=0'], 'rope_theta=0.0 must be > 0'),
     (['exp/remoe.py'], "no config 'exp/remoe.py'; the configs are: deepseek, dense, "),
 ])
 def test_bad_input_found_before_any_work(tmp_path, args, needle):
@@ -177,6 +222,25 @@ def test_bad_input_found_before_any_work(tmp_path, args, needle):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and needle in lines[0], \
         proc.stderr
     assert not (tmp_path / 'data').exists()
+
+
+@pytest.mark.parametrize('where', ['data_dir', 'out_dir'])
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, where):
+    """A path under a file cannot be created (root may write anywhere else)."""
+    (tmp_path / 'afile').write_text('x')
+    folder = {'data_dir': tmp_path / 'data', 'out_dir': tmp_path / 'out', where: tmp_path / 'afile' / 'sub'}
+    proc = run('train.py', *TINY, '--max_iters=0', f"--data_dir={folder['data_dir']}", f"--out_dir={folder['out_dir']}",
+               cwd=tmp_path, ok=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f'error: {where}='), proc.stderr
+
+
+@pytest.mark.parametrize('arg, neighbour', [('--learning_rate=-1', 'max_iters'), ('--rope_theta=0', 'hf_max_tokens'),
+                                            ('--warmup_iters=-1', 'lr_decay_iters')])
+def test_a_bad_value_error_names_that_key_alone(tmp_path, arg, neighbour):
+    """Each key is checked on its own: the line once said "max_iters=3 must be >= 0 and learning_rate=-1.0 > 0"."""
+    proc = train(tmp_path, tmp_path / 'data', arg, ok=False)
+    assert proc.returncode == 2 and arg[2:].split('=')[0] in proc.stderr and neighbour not in proc.stderr, proc.stderr
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, data_dir):

@@ -12,8 +12,9 @@ from conftest import TINY, read_log, run, run_in_process, train
 
 
 def test_loss_goes_down_and_log_has_routing_stats(tmp_path, data_dir):
-    train(tmp_path, data_dir, '--max_iters=40', '--eval_interval=20', '--log_interval=5',
-          '--learning_rate=3e-3', '--warmup_iters=5', f'--out_dir={tmp_path}/out')
+    proc = train(tmp_path, data_dir, '--max_iters=40', '--eval_interval=20', '--log_interval=5',
+                 '--learning_rate=3e-3', '--warmup_iters=5', f'--out_dir={tmp_path}/out')
+    assert 'tok/s, mfu ' in proc.stdout and ', load cv ' in proc.stdout  # the router's own part of the line
     log = read_log(tmp_path / 'out')
     steps = [r for r in log if 'loss' in r]
     evals = [r for r in log if 'val_loss' in r]
@@ -94,6 +95,14 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, data_dir):
                  run('sample.py', f'--out_dir={tmp_path}/out', cwd=tmp_path, ok=False)):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and 'not a readable checkpoint' in lines[0], proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a CUDA GPU')
+def test_sample_on_a_device_this_machine_lacks_says_so(tmp_path):
+    """It once said the checkpoint was unreadable: the device is checked before the checkpoint is read."""
+    proc = run('sample.py', f'--out_dir={tmp_path}/none', '--device=cuda', cwd=tmp_path, ok=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--device='cuda' is not usable" in lines[0], proc.stderr
 
 
 def test_vocabulary_and_tokenizer_follow_the_dataset(tmp_path, data_dir):

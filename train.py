@@ -163,6 +163,9 @@ try:  # rank 0 prepares the dataset on first use, the others wait for it
     batches = data.Batches(folder, batch_size, block_size, dist.rank, dist.world_size, device)
 except data.DataError as e:
     die(str(e))
+except OSError as e:  # a folder that cannot be created, written or read: the path, not a traceback
+    die(f"data_dir={data_dir!r} cannot be used ({e.strerror}: {e.filename}): pass --data_dir=<a folder you can "
+        f"write to, or one that holds the prepared dataset>")
 # Training batches come from their own generator, saved in checkpoints: a resumed run sees the
 # same batches it would have seen had it never stopped.
 data_gen = torch.Generator().manual_seed(seed)
@@ -282,7 +285,16 @@ while True:
 
     load = torch.zeros((), device=device)  # [L_moe, E] once added to: this step's expert loads
     expert_sum = expert_count = torch.zeros((), device=device)  # dense_grad: [L_moe, E, D], [L_moe, E]
+    # A stop is answered within one micro-step, not at the end of a long accumulated step (a scheduler's
+    # grace period is 30-120 s): the partial step is dropped, and the run is saved as it was when this
+    # step began (weights, optimizer, λ untouched; the RNG and the data order rewound), so a resume
+    # replays this step whole and trains exactly as an uninterrupted run.
+    step_start_rng = (torch.get_rng_state(), data_gen.get_state())
+    abandoned = False
     for micro_step in range(gradient_accumulation_steps):
+        if micro_step > 0 and stop.agreed(dist):  # (micro-step 0: checked at the top of the loop)
+            abandoned = True
+            break
         if dist.world_size > 1:  # DDP: average gradients only after the last micro-step
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
         X, Y, _ = batches.get('train', data_gen)
@@ -294,6 +306,15 @@ while True:
             load = load + info['load'].float() / gradient_accumulation_steps
         if 'expert_sum' in info:  # Default MoE's EMA: pooled sums and counts, every micro-step
             expert_sum, expert_count = expert_sum + info['expert_sum'], expert_count + info['expert_count']
+    if abandoned:
+        optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(step_start_rng[0])
+        data_gen.set_state(step_start_rng[1])
+        if dist.master:
+            print(f"stopped in the middle of iteration {iter_num} (micro-step {micro_step} of "
+                  f"{gradient_accumulation_steps}): that step is dropped, the run is saved as it was before it")
+        saver.save(iter_num, best_val_loss, diverging=skipped > 0, stopping=True)
+        break
     distributed.sync_expert_grads(raw_model, dist)  # EP: expert grads to DDP's mean over ranks
     scaler.unscale_(optimizer)
     # the norm of the full gradient (EP-aware; grad_clip=0 only measures it), the same on every rank
@@ -341,7 +362,8 @@ while True:
             record.update(a2a_ms=round(1000 * a2a_seconds / n_iters, 3), a2a_mb=round(a2a_bytes / n_iters / 1e6, 4))
         log(record)
         print(f"iter {iter_num}: loss {lossf:.4f}, {1000 * dt / n_iters:.0f}ms/iter, "
-              f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+              f"{tokens_per_sec:,.0f} tok/s, mfu {100 * mfu:.1f}%"
+              + (f", {raw_model.routers()[0].console(record)}" if is_moe else ''))  # what to watch for this router
     iter_num += 1
 
 if sample_tokens > 0 and not stop.signum:
