@@ -296,6 +296,14 @@ class Router(nn.Module):
         (ReMoE's λ); {} for routers that keep none. Per-layer state goes in the forward's stats."""
         return {}
 
+    def console(self, record):
+        """What the console line shows of a logged step's record (log_record's, over all MoE layers):
+        what a user watches for this router. Softmax routers: the load's spread, and the dropped
+        fraction where capacity drops."""
+        mean = lambda values: sum(values) / len(values)
+        line = f"load cv {mean(record['load_cv']):.2f}"
+        return line + (f", dropped {100 * mean(record['dropped']):.1f}%" if self.capacity_factor > 0 else '')
+
     def _apply(self, fn, recurse=True):
         # online controller state (ReMoE's λ, the balancing bias) stays fp32 whatever the model is
         # cast to: bf16 would round away the controllers' small steps
@@ -326,8 +334,8 @@ class TopKRouter(Router):
     d - d.detach(): the output is top-k's exactly and only the gradient sees the defaults.
     dense_grad_forward=True adds it to the output as well (this repo's first reading, kept because
     results/modern and results/dense-grad were made with it). EMA_e [D] is an fp32 buffer outside
-    autograd, moved once per optimizer step by update_defaults (beta = dense_grad_beta). The paper's
-    equation numbers and EMA rate are not in research/ROUTERS.md and were not checked here.
+    autograd, moved once per optimizer step by update_defaults (beta = dense_grad_beta). The EMA rate
+    and equation numbers are not taken from the paper: 0.9 per step is this repo's choice.
     The forward returns the second sum as stats['default_out'] [N, D], which the MoE block adds to
     the experts' output (and removes from the statistics): the experts still see only the gates.
     """
@@ -399,6 +407,11 @@ class ReMoERouter(Router):
 
     def log_state(self):
         return {'lambda': self.lam.item()}
+
+    def console(self, record):
+        # the controller at work (eq. 7): sparsity against its target, and λ
+        return (f"sparsity {record['sparsity']:.3f} (target {self.target_sparsity:.3f}), λ {record['lambda']:.2e}, "
+                f"load cv {sum(record['load_cv']) / len(record['load_cv']):.2f}")
 
 
 class PrototypeRouter(Router):

@@ -259,3 +259,18 @@ def test_prototype_balance_loss_is_K_under_uniform_routing_and_per_group():
     gates, aux_loss, _, _ = router(x)
     assert ((gates > 0).sum(0) == N // m).all()
     assert aux_loss.item() == pytest.approx(K, rel=1e-4)
+
+
+@pytest.mark.parametrize('router, capacity, needles', [
+    ('remoe', 0.0, ['sparsity 0.700 (target 0.750)', 'λ 1.00e-08', 'load cv 0.15']),
+    ('topk', 0.0, ['load cv 0.15']),
+    ('topk', 1.25, ['load cv 0.15', 'dropped 3.0%']),
+    ('prototype', 1.0, ['load cv 0.15', 'dropped 3.0%']),
+])
+def test_console_line_shows_what_to_watch_for_each_router(router, capacity, needles):
+    """The training loop prints router.console(record) after tokens/s: ReMoE's controller, or the load."""
+    config = GPTConfig(n_embd=8, n_head=1, router=router, capacity_factor=capacity)
+    record = {'sparsity': 0.7, 'lambda': 1e-8, 'load_cv': [0.1, 0.2], 'dropped': [0.02, 0.04]}
+    line = make_router(config).console(record)
+    assert all(needle in line for needle in needles), line
+    assert ('dropped' in line) == (capacity > 0) and ('λ' in line) == (router == 'remoe')
