@@ -22,6 +22,7 @@ import distributed
 from checkpoint import CheckpointError, saved_config
 from experts import resolve_impl
 from model import GPTConfig
+from routers import MOE_OPTIONS, ROUTERS, router_options
 
 CONFIGS = Path(__file__).resolve().parent / 'configs'
 
@@ -92,7 +93,8 @@ def parse(argv, defaults):
 RESUME_MAY_CHANGE = ('out_dir', 'init_from', 'data_dir', 'max_iters', 'eval_interval', 'log_interval', 'eval_iters',
                      'eval_only', 'always_save_checkpoint', 'sample_tokens', 'device', 'dtype', 'compile',
                      'expert_impl', 'ep_size', 'dist_timeout', 'max_skipped_steps', 'grad_clip', 'learning_rate',
-                     'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr')
+                     'min_lr', 'warmup_iters', 'lr_decay_iters', 'decay_lr',
+                     'ec_eval')  # (expert_choice: its evaluation rule; the weights are the same)
 
 
 def resumed(config, given, defaults):
@@ -127,31 +129,16 @@ def model_args(config):
     return {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
 
 
-# options that a choice makes meaningless: setting one is a mistake, not a no-op
-# (router_renorm and capacity_factor with remoe: GPTConfig.validate says why)
-SOFTMAX_ONLY = ('aux_loss_coef', 'z_loss_coef', 'aux_loss_reduction', 'balance', 'bias_update_rate', 'score',
-                'route_scale', 'seq_aux_coef', 'dense_grad', 'dense_grad_beta', 'dense_grad_forward')
-REMOE_ONLY = ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
-MOE_ONLY = ('n_expert', 'top_k', 'router', 'recurrent_router', 'rmoe_dim', 'rmoe_flow', 'rmoe_init', 'expert_impl',
-            'expert_granularity', 'capacity_factor', 'router_renorm', 'router_lr_scale', 'decay_router', 'n_shared_expert',
-            *SOFTMAX_ONLY, *REMOE_ONLY)
-
-
 def ignored_options(c):
-    """{key: why} of the options this config would ignore."""
+    """{key: why} of the options this config would ignore: a dense model's MoE options, the options
+    that the chosen router does not read (routers.ROUTERS: each class lists its own) or reads only
+    under some setting, and the datasets' options. GPTConfig.validate has checked the router's name."""
     if c['moe_every'] == 0:
-        ignored = {key: 'in a dense model (moe_every=0)' for key in MOE_ONLY}
-    else:
-        ignored = {key: f"with router={c['router']!r}" for key in (SOFTMAX_ONLY if c['router'] == 'remoe'
-                                                                   else REMOE_ONLY)}
-        if not c['recurrent_router']:
-            ignored.update({key: 'without recurrent_router=True' for key in ('rmoe_dim', 'rmoe_flow', 'rmoe_init')})
-        if c['router'] != 'remoe' and c['balance'] != 'aux':
-            ignored['aux_loss_coef'] = f"with balance={c['balance']!r} (only 'aux' has the Switch loss)"
-        if not c.get('dense_grad', False):  # (test dicts may predate the key)
-            ignored.update({key: 'without dense_grad=True' for key in ('dense_grad_beta', 'dense_grad_forward')})
-        if c['router'] != 'remoe' and c['balance'] != 'bias':
-            ignored['bias_update_rate'] = f"with balance={c['balance']!r} (only 'bias' has a bias)"
+        ignored = {key: 'in a dense model (moe_every=0)' for key in (*MOE_OPTIONS, *router_options())}
+    else:  # the options of other routers, and those the router reads only under some setting
+        router = ROUTERS[c['router']]
+        ignored = {key: f"with router={c['router']!r}" for key in router_options() if key not in router.options}
+        ignored.update(router.ignored(c))
     if c['dataset'] != 'web':
         ignored.update({key: f"with dataset={c['dataset']!r}" for key in ('hf_name', 'hf_files', 'hf_max_tokens')})
     if c['dataset'] != 'textfiles':
@@ -231,6 +218,9 @@ def check(c, defaults):
     if c['ep_size'] != 1:  # expert parallelism: checked before any process group exists
         if not moe:
             raise ConfigError(f"ep_size={c['ep_size']} needs MoE layers (moe_every > 0)")
+        if not ROUTERS[c['router']].expert_parallel:
+            raise ConfigError(f"ep_size={c['ep_size']} with router={c['router']!r} is not supported: every rank needs "
+                              f"every expert's weights; use ep_size=1 (DDP)")
         problem = distributed.check_ep_size(c['ep_size'], int(os.environ.get('WORLD_SIZE', 1)), gpt.moe_shape()[0])
         if problem:
             raise ConfigError(problem)

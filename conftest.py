@@ -38,6 +38,15 @@ def run(script, *args, cwd, ok=True, env=None, launcher=()):
     return proc
 
 
+def router_config(router, **config):
+    """A GPTConfig dict for `router` from a test's shape: top_k capped where the router caps it (Hash: 1)."""
+    from model import ROUTERS
+    cap = ROUTERS[router].top_k_max
+    if cap is not None and config.get('top_k', 2) > cap:
+        config['top_k'] = cap
+    return {**config, 'router': router}
+
+
 def read_log(out_dir):
     """Every record of out_dir/log.jsonl, in order."""
     return [json.loads(line) for line in (Path(out_dir) / 'log.jsonl').read_text().splitlines()]

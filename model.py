@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experts import Experts, check_impl, swiglu
+import baselines  # noqa: F401 (registers the comparison routers in routers.ROUTERS)
+import lory  # noqa: F401 (registers Lory, whose MoE block merges the experts' weights)
 from routers import BALANCES, RMOE_FLOWS, RMOE_INITS, ROUTERS, SCORES, Router, log_record, make_router
 
 
@@ -36,7 +38,7 @@ class GPTConfig:
     moe_every: int = 1  # every moe_every-th block is MoE; 1 = all of them, 0 = a dense model
     n_expert: int = 8
     top_k: int = 2
-    router: str = 'topk'  # how logits become gates: 'topk', 'remoe', 'prototype'
+    router: str = 'topk'  # a name of routers.ROUTERS: 'topk', 'remoe', 'prototype', and baselines.py's
     recurrent_router: bool = False  # RMoE: logits from a GRU shared across layers
     rmoe_dim: int = 128  # RMoE: width p of the projector and of the GRU state
     rmoe_flow: str = 'pass'  # RMoE Table 5: 'pass' (RMoE), 'detach' (h_{i-1} detached), 'none' (NP: h_0 everywhere)
@@ -64,6 +66,14 @@ class GPTConfig:
     remoe_lambda0: float = 1e-8  # ReMoE: initial L1 coefficient λ (paper default)
     remoe_alpha: float = 1.2  # ReMoE: λ's multiplicative step (paper default)
     remoe_lambda_floor: bool = False  # ReMoE: λ never falls below remoe_lambda0 (see ReMoERouter.update)
+    lory_segment: int = 0  # lory: tokens a segment (0 = block_size / 4, ReMoE's 256 of 1,024)
+    hash_table: str = 'mod'  # hash: expert = id mod E ('mod', ReMoE's baseline) or a seeded random table ('random')
+    hash_seed: int = 0  # hash_table='random': the seed of the table
+    router_hidden: int = 0  # mlp: its hidden width (0 = RMoE's router's parameters); hyperrouter: H's (0 = 256)
+    xmoe_dim: int = 16  # xmoe: the width the token is projected to before the cosine (RMoE's default)
+    ec_capacity: float = 1.0  # expert_choice: each expert takes ec_capacity * T * K / E tokens of a sequence
+    ec_eval: str = 'topk'  # expert_choice at evaluation: 'topk' (causal token choice) or 'choice' (leaky)
+    sparsemixer_eps: float = 0.01  # sparsemixer: the mask keeps experts within a relative 2 eps of the largest logit
 
     def __post_init__(self):
         if self.ffn_hidden == 0:  # keep SwiGLU's 3 matrices at the FLOPs of a 4x GELU MLP
@@ -126,33 +136,7 @@ class GPTConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not 'sum' or 'mean'")
         if self.capacity_factor < 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 0 (0 means dropless)")
-        if self.router == 'remoe':
-            if self.capacity_factor > 0:
-                raise ValueError(f"capacity_factor={self.capacity_factor} with router='remoe' is invalid: "
-                                 f"ReLU routing has no fixed number of experts to cap; use 0")
-            if self.router_renorm:
-                raise ValueError("router_renorm=True with router='remoe' is invalid: ReLU gates are never "
-                                 "normalised (ReMoE §3.2)")
-            if self.balance != 'aux':
-                raise ValueError(f"balance={self.balance!r} with router='remoe' is invalid: ReMoE balances through "
-                                 f"its load-weighted L1 (eq. 10-11); bias balancing is for topk and prototype")
-            if self.score != 'softmax':
-                raise ValueError(f"score={self.score!r} with router='remoe' is invalid: ReLU routing has no scores "
-                                 f"to choose from (its gates are relu(x W)); use router='topk' for sigmoid scoring")
-            if not self.remoe_alpha > 1:
-                raise ValueError(f"remoe_alpha={self.remoe_alpha} must be > 1 (λ's multiplicative step, ReMoE eq. 7)")
-            if not self.remoe_lambda0 > 0:
-                raise ValueError(f"remoe_lambda0={self.remoe_lambda0} must be > 0 (λ's start, ReMoE eq. 7)")
-        if self.dense_grad and self.router != 'topk':  # ReLU gates have no unchosen probabilities to train
-            raise ValueError(f"dense_grad=True with router={self.router!r} is invalid: Default MoE is for "
-                             f"router='topk' (the unchosen of its top-k)")
-        if self.dense_grad_forward and not self.dense_grad:
-            raise ValueError("dense_grad_forward=True needs dense_grad=True (it says where Default MoE's defaults go)")
-        if not 0 <= self.dense_grad_beta < 1:
-            raise ValueError(f"dense_grad_beta={self.dense_grad_beta} must be in [0, 1) (the EMA's decay per step)")
-        if self.router == 'prototype' and self.n_expert % self.top_k:
-            raise ValueError(f"router='prototype' needs top_k={self.top_k} groups to divide "
-                             f"n_expert={self.n_expert}")
+        ROUTERS[self.router].check(self)  # its own checks (configurator: the options it does not read)
         if self.recurrent_router and self.rmoe_dim < 1:
             raise ValueError(f"rmoe_dim={self.rmoe_dim} must be a positive integer")
         if self.rmoe_flow not in RMOE_FLOWS:
@@ -213,7 +197,7 @@ class MoE(nn.Module):
     """y_n = sum_e gates[n, e] * FFN_e(x_n) (+ the shared experts' output): the router decides the
     gates, the experts compute."""
 
-    def __init__(self, config, gru=None):
+    def __init__(self, config, gru=None, layer=0):
         super().__init__()
         E, _, H = config.moe_shape()
         self.router = make_router(config, gru)
@@ -223,14 +207,16 @@ class MoE(nn.Module):
         S = config.n_shared_expert
         self.shared = MLP(config.n_embd, S * H) if S else None
 
-    def forward(self, x, state, generating=False):
-        """generating: a KV-cache step of sample.generate (eval mode), which reads the output only: the
+    def forward(self, x, state, cache=None, ids=None):
+        """cache: generating with sample.generate's KVCache (eval mode), which reads the output only: the
         router skips its losses and statistics, and one new position per sequence on a CPU takes the
         experts' decode path (experts.py: a few pairs, one at a time)."""
+        generating = cache is not None
         B, T, D = x.shape
         x = x.view(B * T, D)
         # T: the sequence-wise balance loss needs the sequences (T varies when generating)
-        gates, aux_loss, stats, state = self.router(x, state, seq_len=T, measure=not generating)  # gates: [N, E]
+        ids = ids.reshape(B * T) if self.router.needs_ids else None  # [N] token ids, for Hash routing
+        gates, aux_loss, stats, state = self.router(x, state, seq_len=T, measure=not generating, ids=ids)  # [N, E]
         decode = generating and T == 1 and x.device.type == 'cpu'  # (compiled: as one custom op)
         if self.router.dense_grad and not generating:  # Default MoE (TopKRouter): the EMA's data out
             y, stats['expert_sum'] = self.experts(x, gates, sums=True)  # [N, D], [E, D] fp32
@@ -251,12 +237,14 @@ class Block(nn.Module):
         self.ln_1 = nn.RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.RMSNorm(config.n_embd)
-        self.mlp = MoE(config, gru) if config.is_moe(layer) else MLP(config.n_embd, config.ffn_hidden)
+        # the MoE block a router asks for (Lory merges weights: lory.LoryMoE), else the gate contract's MoE
+        moe = ROUTERS[config.router].block or MoE if config.is_moe(layer) else None
+        self.mlp = moe(config, gru, layer) if moe else MLP(config.n_embd, config.ffn_hidden)
 
-    def forward(self, x, cos, sin, state, cache=None):
+    def forward(self, x, cos, sin, state, cache=None, ids=None):
         x = x + self.attn(self.ln_1(x), cos, sin, cache)
-        if isinstance(self.mlp, MoE):
-            y, aux_loss, stats, state = self.mlp(self.ln_2(x), state, generating=cache is not None)
+        if not isinstance(self.mlp, MLP):  # an MoE block
+            y, aux_loss, stats, state = self.mlp(self.ln_2(x), state, cache=cache, ids=ids)
         else:  # no aux loss, no routing stats
             y, aux_loss, stats = self.mlp(self.ln_2(x)), None, {}
         return x + y, aux_loss, stats, state
@@ -296,10 +284,12 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight_hh, mean=0.0, std=self.config.init_std)
             nn.init.zeros_(module.bias_ih)
             nn.init.zeros_(module.bias_hh)
-        elif isinstance(module, Router) and module.gru is not None and self.config.rmoe_init == 'torch':
+        elif isinstance(module, Router) and getattr(module, 'gru', None) is not None and \
+                self.config.rmoe_init == 'torch':
             # apply() visits children first: this undoes the normal init just given to its two linears
             module.proj.reset_parameters()  # U(±1/sqrt(fan_in)), weight and bias
-            module.w_g.reset_parameters()
+            if isinstance(module.w_g, nn.Linear):  # (a baseline's own logit map keeps its init)
+                module.w_g.reset_parameters()
 
     def num_params(self, active=False):
         """Parameter count; the tied embedding counts once (it is the output head's matmul).
@@ -309,7 +299,7 @@ class GPT(nn.Module):
         if active:  # ReMoE's K is an average, held there by its controller
             E, K, _ = self.config.moe_shape()
             for block in self.transformer.h:
-                if isinstance(block.mlp, MoE):
+                if not isinstance(block.mlp, MLP):
                     expert_params = sum(p.numel() for p in block.mlp.experts.parameters())
                     n -= expert_params * (E - K) // E
         return n
@@ -333,7 +323,7 @@ class GPT(nn.Module):
 
     def routers(self):
         """The router of every MoE layer, in order."""
-        return [block.mlp.router for block in self.transformer.h if isinstance(block.mlp, MoE)]
+        return [block.mlp.router for block in self.transformer.h if not isinstance(block.mlp, MLP)]
 
     def routing_log(self, info):
         """What the training log records of a step's routing: every MoE layer's statistics (from
@@ -363,7 +353,7 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # RoPE angles of these positions
         aux_losses, stats, state = [], [], None  # state: RMoE's, from layer to layer of each position
         for block in self.transformer.h:
-            x, layer_aux, layer_stats, state = block(x, cos, sin, state, cache)
+            x, layer_aux, layer_stats, state = block(x, cos, sin, state, cache, ids=idx)
             if layer_aux is not None:  # an MoE block
                 aux_losses.append(layer_aux)
                 stats.append(layer_stats)
@@ -378,7 +368,8 @@ class GPT(nn.Module):
         # A dense model adds nothing: in torch 2.13, compiling `loss + 0` next to a returned
         # loss.detach() yields a loss without grad_fn (test_train checks the dense model compiles)
         aux_loss = sum(aux_losses) if aux_losses else None
-        loss = lm_loss + aux_loss if aux_losses else lm_loss
+        # ... nor does a model whose routers have no loss (Hash, Lory: a constant 0 without grad_fn)
+        loss = lm_loss + aux_loss if aux_losses and aux_loss.requires_grad else lm_loss
         info.update(lm_loss=lm_loss.detach(),
                     aux_loss=aux_loss.detach() if aux_losses else torch.zeros((), device=idx.device))
         return logits, loss, info

@@ -3,39 +3,44 @@ Routers: each turns the token states of one MoE layer into a dense gate matrix.
 
 The one contract of this repo, between routers and experts:
 
-    router(x [N, D], state) -> gates [N, E], aux_loss (scalar), stats (dict of tensors), state
+    router(x [N, D], state, seq_len=T, measure=True, ids=None) -> gates [N, E], aux_loss, stats, state
 
 `gates[n, e]` is the weight of expert e in token n's output, zero where the expert is inactive.
 experts.py consumes that matrix and never needs to know which router made it, so a router is free
 to choose any number of experts per token. `aux_loss` is already multiplied by its coefficient;
-the model adds it to the language-model loss. `state` is threaded from one MoE layer to the next.
-Generating with a KV cache asks for the gates alone (`measure=False`): aux_loss is then 0 and stats
-holds nothing the log reads (for one token their cost is larger than the routing's own).
+the model adds it to the language-model loss. `state` is threaded from one MoE layer to the next
+(RMoE's GRU state); `seq_len` is T, the length of the sequences that x's N = B*T rows come in;
+`ids` [N] are the tokens' ids, for a router that routes on them (Hash). Generating with a KV cache
+asks for the gates alone (`measure=False`): aux_loss is then 0 and stats holds nothing the log
+reads (for one token their cost is larger than the routing's own).
 
-A router is two choices:
-- where the logits come from: a linear map of x, or RMoE's GRU that carries a per-token routing
-  state from layer to layer (`recurrent_router=True`);
-- how logits become gates (`router`): 'topk' (softmax, keep K), 'remoe' (ReLU, a variable number
-  of experts held at K on average by an adaptive L1 penalty), 'prototype' (K groups, top-1 in each).
-
-The softmax routers (topk, prototype) also choose how their load is balanced (`balance`): 'aux'
-(the Switch loss), 'bias' (DeepSeek's auxiliary-loss-free balancing: a per-expert bias that steers
-selection only, nudged after every optimizer step) or 'none'. ReMoE balances through its L1.
-They score experts with a softmax or, as DeepSeek-V3 does, an independent sigmoid per expert
-(`score`), and may add DeepSeek-V3's sequence-wise balance loss (`seq_aux_coef`) to any balance.
-Top-k may also give its router a dense gradient (`dense_grad`, Default MoE: see TopKRouter).
+A router is one class, registered in ROUTERS under its name (`router=` in a config), and the rest of
+the repo reads everything about it off that class: the options it reads (any other router option
+is a one-line error), its own checks, its log statistics, its lab kind, whether it has learned
+parameters, needs token ids, or depends on the other sequences of its batch. Three bases:
+- Router: the contract; no parameters (Hash routes on ids alone).
+- LearnedRouter: learned logits, from a linear map of x or from RMoE's GRU that carries a per-token
+  routing state from layer to layer (`recurrent_router=True`). ReMoE: ReLU of them, a variable
+  number of experts held at K on average by an adaptive L1 penalty.
+- SoftmaxRouter: the softmax family, 'topk' (keep K) and 'prototype' (K groups, top-1 in each), and
+  their knobs: balancing (`balance`: 'aux' the Switch loss, 'bias' DeepSeek's auxiliary-loss-free
+  per-expert bias that steers selection only, or 'none'), a softmax or DeepSeek-V3's independent
+  sigmoid per expert (`score`), DeepSeek-V3's sequence-wise balance loss (`seq_aux_coef`), the
+  z-loss, renormalisation and scale, capacity. Top-k may also give its router a dense gradient
+  (`dense_grad`, Default MoE: see TopKRouter).
+The routers the seed papers compare against are in baselines.py, registered the same way.
 
 Legend for shape comments: N tokens, E experts, K active experts per token, D model width,
 p RMoE's recurrent width, m = E/K experts per prototype group.
 """
 
+import itertools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = ('topk', 'remoe', 'prototype')
 SCORES = ('softmax', 'sigmoid')  # how topk and prototype turn logits into scores
 BALANCES = ('aux', 'bias', 'none')  # how topk and prototype balance their load
 RMOE_FLOWS = ('pass', 'detach', 'none')  # RMoE Table 5: what of h_{i-1} reaches layer i (Router.logits)
@@ -117,38 +122,191 @@ def routing_stats(gates, probs=None, logits=None):
     return stats
 
 
+# Every routing statistic a router may return, and its name in the training log (lists per MoE layer).
+# A statistic not here is an error in log_record, not a silent loss (a test runs every router).
+LOGGED = {'sparsity': 'sparsity_per_layer', 'active': 'active_experts', 'entropy': 'router_entropy',
+          'gate_sum': 'gate_sum',  # mean sum of a token's gates: the MoE output's scale
+          'logit_std': 'router_logit_std',
+          'kept_prob': 'kept_prob', 'top1_top2': 'top1_top2',  # RMoE Table 8's OB and IB, softmax routers
+          'ema_norm': 'default_norm', 'dropped': 'dropped', 'bias_spread': 'bias_spread',
+          'unrouted': 'unrouted',  # Expert Choice: tokens that no expert took
+          'resampled': 'sampled_not_argmax', 'heun_c': 'heun_scale',  # SparseMixer-v2's sampling, training only
+          'load': 'load', 'bias': 'bias'}  # [L, E]: each layer's values, with load's spread below
+NOT_LOGGED = ('lm_loss', 'aux_loss', 'expert_sum', 'expert_count')  # the model's own; Default MoE's EMA data
+
+
 def log_record(info):
     """One step's routing health for the training log, from the model's info dict (each statistic
-    of routing_stats stacked over the MoE layers: [L] or [L, E]). Lists are per MoE layer."""
+    of a router's forward stacked over the MoE layers: [L] or [L, E]). Lists are per MoE layer."""
+    unknown = set(info) - set(LOGGED) - set(NOT_LOGGED)
+    if unknown:
+        raise KeyError(f"routing statistics {sorted(unknown)} have no place in the log: add them to routers.LOGGED")
     load = info['load'].float()  # [L, E] fraction of tokens that use each expert
     mean = load.mean(-1).clamp_min(1e-9)
     r = lambda t: [round(v, 4) for v in t.tolist()]
-    return {
-        'sparsity_per_layer': r(info['sparsity'].float()),
-        'load_min': r(load.min(-1).values / mean),  # 1.0 everywhere = perfectly balanced
-        'load_max': r(load.max(-1).values / mean),
-        'load_cv': r(load.std(-1, correction=0) / mean),
-        'load': [r(layer) for layer in load],
-        'active_experts': r(info['active'].float()),
-        'router_entropy': r(info['entropy'].float()),
-        'gate_sum': r(info['gate_sum'].float()),  # mean sum of a token's gates: the MoE output's scale
-        **{name: r(info[key].float()) for name, key in (('router_logit_std', 'logit_std'),
-                                                        ('kept_prob', 'kept_prob'), ('top1_top2', 'top1_top2'),
-                                                        ('default_norm', 'ema_norm'))
-           if key in info},  # RMoE Table 8's OB (kept_prob) and IB (top1_top2), softmax routers only
-        'dropped': r(info['dropped'].float()),
-        **({'bias_spread': r(info['bias_spread'].float()), 'bias': [r(layer) for layer in info['bias'].float()]}
-           if 'bias' in info else {}),  # balance='bias': each layer's bias (max - min) and values
-    }
+    record = {LOGGED[key]: (r(v.float()) if v.dim() == 1 else [r(layer) for layer in v.float()])
+              for key, v in info.items() if key in LOGGED}
+    record.update(load_min=r(load.min(-1).values / mean),  # 1.0 everywhere = perfectly balanced
+                  load_max=r(load.max(-1).values / mean), load_cv=r(load.std(-1, correction=0) / mean))
+    return record
+
+
+# -----------------------------------------------------------------------------
+# the registry: a router is one class, and everything about it is read off that class
+
+ROUTERS = {}  # name -> class; baselines.py adds the routers the seed papers compare against
+MOE_OPTIONS = ('n_expert', 'top_k', 'router', 'expert_impl', 'expert_granularity', 'n_shared_expert',
+               'router_lr_scale', 'decay_router')  # read by every MoE model, whatever its router
+RECURRENT_OPTIONS = ('recurrent_router', 'rmoe_dim', 'rmoe_flow', 'rmoe_init')  # RMoE's logits (LearnedRouter)
+
+
+def register(cls):
+    """Class decorator: adds a router to ROUTERS under its `name`."""
+    assert cls.name and cls.name not in ROUTERS, cls.name
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+def router_options():
+    """Every option that some router reads: the ones a config may set only for a router that reads it."""
+    return tuple(dict.fromkeys(key for cls in ROUTERS.values() for key in cls.options))
 
 
 class Router(nn.Module):
-    """The logit source shared by every router; subclasses turn logits into gates."""
+    """What every router shares: the contract, and what the rest of the repo reads off its class.
 
-    def __init__(self, config, gru=None):
+    forward(x [N, D], state, seq_len=T, measure=True, ids=None) -> gates [N, E], aux_loss, stats, state
+    (ids [N]: the tokens' ids, for the routers that route on them; needs_ids says which)."""
+
+    name = ''  # the value of config.router that selects it
+    options = ()  # the config keys it reads beyond MOE_OPTIONS: any other router option is an error
+    stats = ()  # the statistics its training forward returns (log_record's keys; a test checks them)
+    learned = True  # it has learned parameters (a router without must build none: DDP rejects unused ones)
+    needs_ids = False  # it routes on the token ids, which the MoE block then passes
+    batch_independent = True  # a token's gates depend on its own sequence only (2 processes train as 1)
+    dense_grad = False  # Default MoE's defaults in the output (TopKRouter)
+    top_k_max = None  # the most experts it can give a token (Hash: 1); None = n_expert
+    expert_parallel = True  # it runs with ep_size > 1 (Lory merges every expert on every rank: not)
+    block = None  # the MoE block it needs, if not model.MoE's gate contract (Lory: lory.LoryMoE)
+
+    def __init__(self, config):
         super().__init__()
         self.n_expert, self.top_k, _ = config.moe_shape()
         self.n_moe_layers = config.n_moe_layers()
+
+    @classmethod
+    def check(cls, config):
+        """Its own config checks: raise ValueError with one line naming the value and the fix."""
+
+    @classmethod
+    def ignored(cls, config):
+        """{key: why} of the options it reads only under some setting (get: configs may predate a key)."""
+        return {}
+
+    @classmethod
+    def kind(cls, run):
+        """Its lab kind, the parts of a run's config that differ from the defaults, in a fixed order."""
+        return [cls.name] + (['shared'] if run.get('n_shared_expert', 0) else [])
+
+    @torch.no_grad()
+    def update(self, sparsity, load):
+        """Called once per optimizer step with what that step's training forwards measured over all
+        micro-steps and ranks: sparsity (0-d, over every MoE layer) and load [E], the fraction of
+        tokens that chose each expert of this layer (before capacity drops). On the device: no host sync."""
+
+    def log_state(self):
+        """The router's online state for the training log that is the same in every layer
+        (ReMoE's λ); {} for routers that keep none. Per-layer state goes in the forward's stats."""
+        return {}
+
+    def console(self, record):
+        """What the console line shows of a logged step's record (log_record's, over all MoE layers):
+        what a user watches for this router. By default the load's spread over the experts."""
+        return f"load cv {sum(record['load_cv']) / len(record['load_cv']):.2f}"
+
+    def _apply(self, fn, recurse=True):
+        # online controller state (ReMoE's λ, the balancing bias) stays fp32 whatever the model is
+        # cast to: bf16 would round away the controllers' small steps
+        keep = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buf in keep.items():
+            setattr(self, name, buf.to(getattr(self, name).device))
+        return self
+
+
+class LearnedRouter(Router):
+    """A router whose logits are learned: a linear map of x, or RMoE's GRU that carries a per-token
+    routing state from layer to layer (`recurrent_router=True`, RMoE eq. 4-6)."""
+
+    options = RECURRENT_OPTIONS
+    stats = ('load', 'active', 'sparsity', 'entropy', 'gate_sum', 'logit_std', 'dropped')
+
+    def __init__(self, config, gru=None):
+        super().__init__(config)
+        if config.recurrent_router:  # RMoE eq. 4-6
+            # rmoe_init='torch' is the paper's enwik8 code: PyTorch's own init and biases on both linears
+            bias = config.rmoe_init == 'torch'
+            self.proj = nn.Linear(config.n_embd, config.rmoe_dim, bias=bias)  # per layer: D -> p
+            self.gru = gru  # ONE GRU cell shared by all layers (the same module object in each)
+            self.w_g = self.make_logits(config, config.rmoe_dim, bias)  # per layer: p -> E
+            self.flow = config.rmoe_flow
+        else:
+            self.gru = None
+            self.w_g = self.make_logits(config, config.n_embd, bias=False)
+
+    def make_logits(self, config, in_dim, bias):
+        """The map [N, in_dim] -> logits [N, E]: linear here; baselines.py's routers make others
+        (an MLP, cosine similarities, a frozen or generated matrix). in_dim: D, or RMoE's p."""
+        return nn.Linear(in_dim, self.n_expert, bias=bias)
+
+    @classmethod
+    def ignored(cls, config):
+        if not config.get('recurrent_router', False):
+            return {key: 'without recurrent_router=True' for key in RECURRENT_OPTIONS[1:]}
+        return {}
+
+    @classmethod
+    def kind(cls, run):
+        parts = [cls.name]
+        if run.get('recurrent_router'):
+            parts += ['recurrent'] + {'pass': [], 'detach': ['detach'], 'none': ['np']}[run.get('rmoe_flow', 'pass')]
+        return parts + (['shared'] if run.get('n_shared_expert', 0) else [])
+
+    def logits(self, x, state):
+        """x [N, D] -> logits [N, E] in fp32 (or fp64), and the routing state for the next MoE layer.
+
+        The router computes in its parameters' dtype with autocast off: fp32 in training under bf16
+        autocast, where a bf16 matmul would round near-tied experts into flips. (A model cast to
+        bf16 as a whole routes in bf16, its logits upcast.)"""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(next(itertools.chain(self.w_g.parameters(), self.w_g.buffers())).dtype)
+            if self.gru is not None:
+                # RMoE eq. 5: h_i = GRU(Proj_i(x_i), h_{i-1}), h_0 = 0 (state None). rmoe_flow='pass' (RMoE):
+                # never detached, so later layers' routing losses train earlier layers' projectors (the
+                # "recurrent gradient"). RMoE Table 5's ablations: 'detach' passes h_{i-1} forward without
+                # that gradient; 'none' ("NP") starts every layer from h_0 = 0: a stateless GRU.
+                if state is not None and self.flow != 'pass':
+                    state = state.detach() if self.flow == 'detach' else None
+                state = self.gru(self.proj(x), state)  # [N, p]
+                x = state
+            logits = self.w_g(x)
+        return (logits.float() if logits.element_size() < 4 else logits), state
+
+
+SOFTMAX_OPTIONS = ('capacity_factor', 'balance', 'aux_loss_coef', 'bias_update_rate', 'z_loss_coef',
+                   'aux_loss_reduction', 'router_renorm', 'score', 'route_scale', 'seq_aux_coef')
+
+
+class SoftmaxRouter(LearnedRouter):
+    """The softmax family (top-k, prototyping): scores from the logits, a choice of experts, and the
+    knobs around it: balancing (`balance`: the Switch loss, DeepSeek's loss-free bias, or none), a
+    sequence-wise loss, the z-loss, sigmoid scores, renormalisation and scale, capacity."""
+
+    options = RECURRENT_OPTIONS + SOFTMAX_OPTIONS
+    stats = LearnedRouter.stats + ('kept_prob', 'top1_top2', 'bias', 'bias_spread')
+
+    def __init__(self, config, gru=None):
+        super().__init__(config, gru)
         self.capacity_factor = config.capacity_factor
         self.renorm = config.router_renorm
         self.score = config.score
@@ -163,42 +321,34 @@ class Router(nn.Module):
             # an fp32 buffer outside autograd, like ReMoE's λ: checkpointed, moved only by update()
             self.register_buffer('bias', torch.zeros(self.n_expert, dtype=torch.float32))
             self.bias_update_rate = config.bias_update_rate
-        self.dense_grad = config.dense_grad
-        if self.dense_grad:  # Default MoE: each expert's output, averaged over training (TopKRouter)
-            # an fp32 buffer outside autograd, like the bias: checkpointed, moved only by update_defaults()
-            self.register_buffer('expert_ema', torch.zeros(self.n_expert, config.n_embd, dtype=torch.float32))
-            self.ema_beta = config.dense_grad_beta
-            self.dense_grad_forward = config.dense_grad_forward
-        if config.recurrent_router:  # RMoE eq. 4-6
-            # rmoe_init='torch' is the paper's enwik8 code: PyTorch's own init and biases on both linears
-            bias = config.rmoe_init == 'torch'
-            self.proj = nn.Linear(config.n_embd, config.rmoe_dim, bias=bias)  # per layer: D -> p
-            self.gru = gru  # ONE GRU cell shared by all layers (the same module object in each)
-            self.w_g = nn.Linear(config.rmoe_dim, self.n_expert, bias=bias)  # per layer: p -> E
-            self.flow = config.rmoe_flow
-        else:
-            self.gru = None
-            self.w_g = nn.Linear(config.n_embd, self.n_expert, bias=False)
 
-    def logits(self, x, state):
-        """x [N, D] -> logits [N, E] in fp32 (or fp64), and the routing state for the next MoE layer.
+    @classmethod
+    def ignored(cls, config):
+        ignored = super().ignored(config)
+        if config.get('balance', 'aux') != 'aux':
+            ignored['aux_loss_coef'] = f"with balance={config['balance']!r} (only 'aux' has the Switch loss)"
+        if config.get('balance', 'aux') != 'bias':
+            ignored['bias_update_rate'] = f"with balance={config.get('balance', 'aux')!r} (only 'bias' has a bias)"
+        return ignored
 
-        The router computes in its parameters' dtype with autocast off: fp32 in training under bf16
-        autocast, where a bf16 matmul would round near-tied experts into flips. (A model cast to
-        bf16 as a whole routes in bf16, its logits upcast.)"""
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.to(self.w_g.weight.dtype)
-            if self.gru is not None:
-                # RMoE eq. 5: h_i = GRU(Proj_i(x_i), h_{i-1}), h_0 = 0 (state None). rmoe_flow='pass' (RMoE):
-                # never detached, so later layers' routing losses train earlier layers' projectors (the
-                # "recurrent gradient"). RMoE Table 5's ablations: 'detach' passes h_{i-1} forward without
-                # that gradient; 'none' ("NP") starts every layer from h_0 = 0: a stateless GRU.
-                if state is not None and self.flow != 'pass':
-                    state = state.detach() if self.flow == 'detach' else None
-                state = self.gru(self.proj(x), state)  # [N, p]
-                x = state
-            logits = self.w_g(x)
-        return (logits.float() if logits.element_size() < 4 else logits), state
+    @classmethod
+    def kind(cls, run):
+        parts = super().kind(run)  # [name, recurrent..., shared?]
+        shared = parts[-1:] if parts[-1] == 'shared' else []
+        parts = parts[:len(parts) - len(shared)] + cls.variant(run)
+        parts += {'aux': [], 'bias': ['bias'], 'none': ['noaux']}[run.get('balance', 'aux')]  # older runs: aux
+        parts += ['seqaux'] if run.get('seq_aux_coef', 0) else []
+        # '-norenorm' last: configs/topk.py renormalises; runs logged before router_renorm existed did not
+        return parts + shared + ([] if run.get('router_renorm', False) else ['norenorm'])
+
+    @classmethod
+    def variant(cls, run):
+        return ['sigmoid'] if run.get('score', 'softmax') == 'sigmoid' else []
+
+    def console(self, record):
+        line = super().console(record)  # and the dropped fraction, where capacity drops
+        return line + (f", dropped {100 * sum(record['dropped']) / len(record['dropped']):.1f}%"
+                       if self.capacity_factor > 0 else '')
 
     def capacity(self, n_tokens):
         """Slots per expert: capacity_factor * K * N / E, rounded up (0 = dropless)."""
@@ -269,9 +419,6 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update(self, sparsity, load):
-        """Called once per optimizer step with what that step's training forwards measured over all
-        micro-steps and ranks: sparsity (0-d, over every MoE layer) and load [E], the fraction of
-        tokens that chose each expert of this layer (before capacity drops). On the device: no host sync."""
         if self.balance == 'bias':
             # 2408.15664 Alg. 1: b_e += u * sign(mean load - load_e), underloaded experts up, overloaded down
             self.bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
@@ -281,40 +428,9 @@ class Router(nn.Module):
             # without bound, spending fp32 precision beside probabilities of ~0.1.
             self.bias.sub_(self.bias.mean())
 
-    @torch.no_grad()
-    def update_defaults(self, expert_sum, expert_count):
-        """Default MoE, once per optimizer step: expert_sum [E, D], each expert's output summed over
-        the tokens it ran in that step's training forwards (all micro-steps and ranks), and
-        expert_count [E], how many tokens those were. EMA_e <- beta * EMA_e + (1 - beta) * sum_e / count_e
-        for every expert that ran; one that ran no token keeps its EMA (it has nothing new to say)."""
-        mean = expert_sum.float() / expert_count.float().clamp_min(1)[:, None]  # [E, D]
-        moved = self.ema_beta * self.expert_ema + (1 - self.ema_beta) * mean
-        self.expert_ema.copy_(torch.where(expert_count[:, None] > 0, moved, self.expert_ema))
 
-    def log_state(self):
-        """The router's online state for the training log that is the same in every layer
-        (ReMoE's λ); {} for routers that keep none. Per-layer state goes in the forward's stats."""
-        return {}
-
-    def console(self, record):
-        """What the console line shows of a logged step's record (log_record's, over all MoE layers):
-        what a user watches for this router. Softmax routers: the load's spread, and the dropped
-        fraction where capacity drops."""
-        mean = lambda values: sum(values) / len(values)
-        line = f"load cv {mean(record['load_cv']):.2f}"
-        return line + (f", dropped {100 * mean(record['dropped']):.1f}%" if self.capacity_factor > 0 else '')
-
-    def _apply(self, fn, recurse=True):
-        # online controller state (ReMoE's λ, the balancing bias) stays fp32 whatever the model is
-        # cast to: bf16 would round away the controllers' small steps
-        keep = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, buf in keep.items():
-            setattr(self, name, buf.to(getattr(self, name).device))
-        return self
-
-
-class TopKRouter(Router):
+@register
+class TopKRouter(SoftmaxRouter):
     """The classic baseline: softmax over all experts, keep the K largest (GShard, Switch).
 
     The kept probabilities are used as gates as they are by default, so with K = 1 the router
@@ -340,7 +456,40 @@ class TopKRouter(Router):
     the experts' output (and removes from the statistics): the experts still see only the gates.
     """
 
-    def forward(self, x, state=None, seq_len=None, measure=True):
+    name = 'topk'
+    options = SoftmaxRouter.options + ('dense_grad', 'dense_grad_beta', 'dense_grad_forward')
+    stats = SoftmaxRouter.stats + ('ema_norm',)
+
+    def __init__(self, config, gru=None):
+        super().__init__(config, gru)
+        self.dense_grad = config.dense_grad
+        if self.dense_grad:  # Default MoE: each expert's output, averaged over training
+            # an fp32 buffer outside autograd, like the bias: checkpointed, moved only by update_defaults()
+            self.register_buffer('expert_ema', torch.zeros(self.n_expert, config.n_embd, dtype=torch.float32))
+            self.ema_beta = config.dense_grad_beta
+            self.dense_grad_forward = config.dense_grad_forward
+
+    @classmethod
+    def check(cls, config):
+        if config.dense_grad_forward and not config.dense_grad:
+            raise ValueError("dense_grad_forward=True needs dense_grad=True (it says where Default MoE's defaults go)")
+        if not 0 <= config.dense_grad_beta < 1:
+            raise ValueError(f"dense_grad_beta={config.dense_grad_beta} must be in [0, 1) (the EMA's decay per step)")
+
+    @classmethod
+    def ignored(cls, config):
+        ignored = super().ignored(config)
+        if not config.get('dense_grad', False):
+            ignored.update({key: 'without dense_grad=True' for key in ('dense_grad_beta', 'dense_grad_forward')})
+        return ignored
+
+    @classmethod
+    def variant(cls, run):  # runs logged before dense_grad_forward existed put the defaults in the forward
+        dense = (['densegrad', 'fwd'] if run.get('dense_grad_forward', True) else ['densegrad']) \
+            if run.get('dense_grad') else []
+        return super().variant(run) + dense
+
+    def forward(self, x, state=None, seq_len=None, measure=True, ids=None):
         logits, state = self.logits(x, state)  # [N, E]
         scores, probs = self.scores(logits)  # [N, E] each
         top_i = self.selection_scores(scores).topk(self.top_k, dim=-1).indices  # [N, K]
@@ -362,8 +511,20 @@ class TopKRouter(Router):
         gates = self.drop_overflow(gates, top_i, top_p, stats)
         return gates.to(x.dtype), self.with_z_loss(aux_loss, logits), stats, state
 
+    @torch.no_grad()
+    def update_defaults(self, expert_sum, expert_count):
+        """Default MoE, once per optimizer step: expert_sum [E, D], each expert's output summed over
+        the tokens it ran in that step's training forwards (all micro-steps and ranks), and
+        expert_count [E], how many tokens those were. EMA_e <- beta * EMA_e + (1 - beta) * sum_e / count_e
+        for every expert that ran; one that ran no token keeps its EMA (it has nothing new to say)."""
+        mean = expert_sum.float() / expert_count.float().clamp_min(1)[:, None]  # [E, D]
+        moved = self.ema_beta * self.expert_ema + (1 - self.ema_beta) * mean
+        self.expert_ema.copy_(torch.where(expert_count[:, None] > 0, moved, self.expert_ema))
 
-class ReMoERouter(Router):
+
+
+@register
+class ReMoERouter(LearnedRouter):
     """ReMoE (Wang et al., ICLR 2025): gates = ReLU(x W). No softmax, no top-k, no normalisation:
     an expert is active exactly where its gate is positive, so the output is continuous in W.
 
@@ -372,6 +533,29 @@ class ReMoERouter(Router):
     λ is an fp32 buffer outside autograd: saved in checkpoints, kept in fp32 when the model is cast,
     changed only by `update`, which the training loop calls once per optimizer step.
     """
+
+    name = 'remoe'
+    options = LearnedRouter.options + ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
+
+    @classmethod
+    def check(cls, config):
+        # the softmax family's knobs would be silently ignored: they are errors that say why
+        if config.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={config.capacity_factor} with router='remoe' is invalid: "
+                             f"ReLU routing has no fixed number of experts to cap; use 0")
+        if config.router_renorm:
+            raise ValueError("router_renorm=True with router='remoe' is invalid: ReLU gates are never "
+                             "normalised (ReMoE §3.2)")
+        if config.balance != 'aux':
+            raise ValueError(f"balance={config.balance!r} with router='remoe' is invalid: ReMoE balances through "
+                             f"its load-weighted L1 (eq. 10-11); bias balancing is for topk and prototype")
+        if config.score != 'softmax':
+            raise ValueError(f"score={config.score!r} with router='remoe' is invalid: ReLU routing has no scores "
+                             f"to choose from (its gates are relu(x W)); use router='topk' for sigmoid scoring")
+        if not config.remoe_alpha > 1:
+            raise ValueError(f"remoe_alpha={config.remoe_alpha} must be > 1 (λ's multiplicative step, ReMoE eq. 7)")
+        if not config.remoe_lambda0 > 0:
+            raise ValueError(f"remoe_lambda0={config.remoe_lambda0} must be > 0 (λ's start, ReMoE eq. 7)")
 
     def __init__(self, config, gru=None):
         super().__init__(config, gru)
@@ -385,7 +569,7 @@ class ReMoERouter(Router):
         # eq. 9-10 average the L1 over the L MoE layers; the reference code sums them
         self.l1_scale = 1 / self.n_moe_layers if config.remoe_l1_reduction == 'mean' else 1.0
 
-    def forward(self, x, state=None, seq_len=None, measure=True):
+    def forward(self, x, state=None, seq_len=None, measure=True, ids=None):
         logits, state = self.logits(x, state)  # [N, E]
         gates = F.relu(logits)  # ReMoE eq. 5
         if not measure:
@@ -409,18 +593,30 @@ class ReMoERouter(Router):
         return {'lambda': self.lam.item()}
 
     def console(self, record):
-        # the controller at work (eq. 7): sparsity against its target, and λ
-        return (f"sparsity {record['sparsity']:.3f} (target {self.target_sparsity:.3f}), λ {record['lambda']:.2e}, "
+        # the controller at work (eq. 7): the sparsity it saw (train.py's, over micro-steps and ranks; else
+        # the mean of this forward's layers) against its target, and λ
+        per_layer = record['sparsity_per_layer']
+        sparsity = record.get('sparsity', sum(per_layer) / len(per_layer))
+        return (f"sparsity {sparsity:.3f} (target {self.target_sparsity:.3f}), λ {record['lambda']:.2e}, "
                 f"load cv {sum(record['load_cv']) / len(record['load_cv']):.2f}")
 
 
-class PrototypeRouter(Router):
+@register
+class PrototypeRouter(SoftmaxRouter):
     """Expert prototyping (M6-T, Yang et al. 2021): the E experts form K contiguous groups of
     m = E/K; a softmax and a top-1 inside each group; the K outputs are summed. Exactly one expert
     per group, so K per token, never two from one group. The weights are each group's top-1
     probability, not renormalised by default (`router_renorm=True` makes them sum to 1)."""
 
-    def forward(self, x, state=None, seq_len=None, measure=True):
+    name = 'prototype'
+
+    @classmethod
+    def check(cls, config):
+        if config.n_expert % config.top_k:
+            raise ValueError(f"router='prototype' needs top_k={config.top_k} groups to divide "
+                             f"n_expert={config.n_expert}")
+
+    def forward(self, x, state=None, seq_len=None, measure=True, ids=None):
         logits, state = self.logits(x, state)  # [N, E]
         N, K = logits.size(0), self.top_k
         m = self.n_expert // K
@@ -447,4 +643,5 @@ class PrototypeRouter(Router):
 def make_router(config, gru=None):
     """The router named by `config.router` (GPTConfig.validate has checked the name and options).
     `gru` is the GRU cell shared by all layers when config.recurrent_router is set."""
-    return {'topk': TopKRouter, 'remoe': ReMoERouter, 'prototype': PrototypeRouter}[config.router](config, gru)
+    cls = ROUTERS[config.router]
+    return cls(config, gru) if issubclass(cls, LearnedRouter) else cls(config)

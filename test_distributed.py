@@ -26,8 +26,8 @@ import data
 import distributed
 from evaluate import score_split
 from experts import Experts
-from model import GPT, GPTConfig
-from conftest import TINY, read_log, run
+from model import GPT, ROUTERS, GPTConfig
+from conftest import TINY, read_log, router_config, run
 
 WORLD = 2
 
@@ -127,15 +127,15 @@ def test_expert_parallel_layer_equals_single_process(impl):
 
 def _training_matches(rank, router, extra):
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4, top_k=2, router=router,
-                       block_size=8, vocab_size=64, expert_impl='grouped', remoe_lambda0=1e-3, **extra)
+    config = GPTConfig(**router_config(router, n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4, top_k=2,
+                                       block_size=8, vocab_size=64, expert_impl='grouped', remoe_lambda0=1e-3, **extra))
     reference = GPT(config)  # the same init on both ranks (same seed)
     model = copy.deepcopy(reference)
     if rank > 0:  # another init elsewhere: apply_expert_parallel must take rank 0's experts
         with torch.no_grad():
             for block in model.transformer.h:
                 block.mlp.experts.w_in.normal_()
-    d = ep_dist(rank)
+    d = ep_dist(rank, WORLD if ROUTERS[router].expert_parallel else 1)  # (Lory: DDP alone)
     distributed.apply_expert_parallel(model, d)
     ddp = distributed.wrap(model, d)
     make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
@@ -205,7 +205,9 @@ def _training_matches(rank, router, extra):
 @pytest.mark.parametrize('router, extra', [('remoe', {}), ('topk', {}),
                                            ('topk', dict(balance='bias', bias_update_rate=0.05, n_shared_expert=1)),
                                            ('topk', dict(dense_grad=True, score='sigmoid', router_renorm=True,
-                                                         balance='bias', seq_aux_coef=0.01))])
+                                                         balance='bias', seq_aux_coef=0.01))]
+                         + [(name, {}) for name, cls in ROUTERS.items()  # every other batch-independent router
+                            if name not in ('topk', 'remoe') and cls.batch_independent])
 def test_ddp_with_expert_parallel_trains_like_one_process(router, extra):
     spawn(_training_matches, router, extra)
 

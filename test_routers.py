@@ -270,7 +270,7 @@ def test_prototype_balance_loss_is_K_under_uniform_routing_and_per_group():
 def test_console_line_shows_what_to_watch_for_each_router(router, capacity, needles):
     """The training loop prints router.console(record) after tokens/s: ReMoE's controller, or the load."""
     config = GPTConfig(n_embd=8, n_head=1, router=router, capacity_factor=capacity)
-    record = {'sparsity': 0.7, 'lambda': 1e-8, 'load_cv': [0.1, 0.2], 'dropped': [0.02, 0.04]}
+    record = {'sparsity': 0.7, 'sparsity_per_layer': [0.6, 0.8], 'lambda': 1e-8, 'load_cv': [0.1, 0.2], 'dropped': [0.02, 0.04]}
     line = make_router(config).console(record)
     assert all(needle in line for needle in needles), line
     assert ('dropped' in line) == (capacity > 0) and ('λ' in line) == (router == 'remoe')

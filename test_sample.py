@@ -17,17 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
+import model
 import sample
+from conftest import router_config
 from model import GPT, GPTConfig
 from sample import KVCache
 
 BLOCK, VOCAB, N_VOCAB = 16, 64, 60  # ids 60..63 stand for the padding of a rounded-up vocabulary
 
-ROUTERS = {
-    'topk': {},
-    'remoe': dict(router='remoe'),
+ROUTERS = {  # every registered router, and RMoE, shared experts and a dense model
+    **{name: router_config(name) for name in model.ROUTERS},
     'recurrent': dict(recurrent_router=True, rmoe_dim=16),  # RMoE
-    'prototype': dict(router='prototype'),
     'shared': dict(n_shared_expert=1),
     'dense': dict(moe_every=0),
 }

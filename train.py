@@ -88,6 +88,14 @@ dense_grad_forward = False  # dense_grad: the defaults in the output too (defaul
 remoe_lambda0 = 1e-8  # ReMoE: initial L1 coefficient
 remoe_alpha = 1.2  # ReMoE: multiplicative step of the coefficient
 remoe_lambda_floor = False  # ReMoE: λ never falls below remoe_lambda0 (not in the paper; configs/remoe.py)
+lory_segment = 0  # lory: tokens a segment (0 = block_size / 4, as ReMoE's 256 of 1,024)
+hash_table = 'mod'  # hash: expert = token id mod E (ReMoE's baseline), or 'random': Roller et al.'s seeded table
+hash_seed = 0  # hash_table='random': the table's seed
+router_hidden = 0  # mlp: hidden width (0 = as many parameters as RMoE's router); hyperrouter: hypernetwork's (0 = 256)
+xmoe_dim = 16  # xmoe: the token's projection width before the cosine
+ec_capacity = 1.0  # expert_choice: tokens per expert = ec_capacity * T * K / E (K experts a token on average)
+ec_eval = 'topk'  # expert_choice at evaluation: 'topk' (causal token choice) or 'choice' (the training rule: leaky)
+sparsemixer_eps = 0.01  # sparsemixer: the width of its mask, relative to the largest logit
 aux_loss_reduction = 'sum'  # Switch (and z) loss over the MoE layers: 'sum' (Megatron) or 'mean' (RMoE)
 remoe_l1_reduction = 'mean'  # ReMoE's L1 over the MoE layers: 'mean' (paper, eq. 10) or 'sum' (its code)
 # AdamW optimizer

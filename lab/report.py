@@ -16,29 +16,19 @@ import numpy as np
 import torch
 
 from lab import analysis
+from model import ROUTERS
 
 
 def kind(run):
-    """What a run's config makes of its MoE layers, the parts that differ from the defaults in a fixed
-    order: 'dense', 'topk', 'remoe', 'topk-recurrent', 'topk-recurrent-detach' (rmoe_flow), 'topk-sigmoid'
-    (score), 'topk-densegrad' (dense_grad; 'topk-densegrad-fwd' with dense_grad_forward), 'topk-bias' /
-    'topk-noaux' (balance), 'topk-seqaux' (seq_aux_coef > 0), 'remoe-shared', and '-norenorm' last
-    for a top-k or prototype router whose kept gates are not renormalised (configs/topk.py and
-    configs/rmoe.py renormalise; runs logged before router_renorm existed did not)."""
+    """What a run's config makes of its MoE layers: 'dense', or its router's kind (routers.py: each
+    router class says which of its options differ from the defaults, in a fixed order), e.g. 'topk',
+    'remoe', 'topk-recurrent', 'topk-recurrent-detach' (rmoe_flow), 'topk-sigmoid' (score),
+    'topk-densegrad' (dense_grad), 'topk-bias' / 'topk-noaux' (balance), 'topk-seqaux',
+    'remoe-shared', and '-norenorm' last for a softmax router whose kept gates are not renormalised."""
     # the claims below look runs up by kind, not by label: a label is whatever the user typed
     if run['moe_every'] == 0:
         return 'dense'
-    parts = [run['router']]
-    if run['recurrent_router']:
-        parts += ['recurrent'] + {'pass': [], 'detach': ['detach'], 'none': ['np']}[run.get('rmoe_flow', 'pass')]
-    parts += ['sigmoid'] if run.get('score', 'softmax') == 'sigmoid' else []
-    if run.get('dense_grad'):  # runs logged before dense_grad_forward existed put the defaults in the forward
-        parts += ['densegrad', 'fwd'] if run.get('dense_grad_forward', True) else ['densegrad']
-    parts += {'aux': [], 'bias': ['bias'], 'none': ['noaux']}[run.get('balance', 'aux')]  # older runs: aux
-    parts += ['seqaux'] if run.get('seq_aux_coef', 0) else []
-    parts += ['shared'] if run.get('n_shared_expert', 0) else []
-    parts += ['norenorm'] if run['router'] != 'remoe' and not run.get('router_renorm', False) else []
-    return '-'.join(parts)
+    return '-'.join(ROUTERS[run['router']].kind(run))
 
 
 class ReportError(Exception):
