@@ -35,6 +35,7 @@ class KVCache:
     def __init__(self, n_layer, max_len):
         self.n_layer, self.max_len, self.pos = n_layer, max_len, 0
         self.k = self.v = self.at = self.mask = None
+        self.moe = {}  # layer -> what an MoE block carries along the sequence (Lory: its segment's sum, weights)
 
     def append(self, layer, k, v):
         """Store k, v [B, nh, T, hs] of positions pos..pos+T-1 in `layer`; return that layer's keys,

@@ -213,7 +213,7 @@ def test_resume_after_sigkill_mid_step_gives_the_uninterrupted_losses(tmp_path, 
     (['--router=remoe', '--remoe_alpha=1.0'], 'remoe_alpha=1.0 must be > 1'),
     (['--seed=-1'], 'seed=-1 must be >= 0'),
     (['--rope_theta=0'], 'rope_theta=0.0 must be > 0'),
-    (['exp/remoe.py'], "no config 'exp/remoe.py'; the configs are: deepseek, dense, "),
+    (['exp/remoe.py'], "no config 'exp/remoe.py'; the configs are: cosine, deepseek, dense, "),
 ])
 def test_bad_input_found_before_any_work(tmp_path, args, needle):
     """One line, exit code 2, before any data is prepared (this data_dir stays empty)."""

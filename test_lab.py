@@ -249,7 +249,7 @@ def test_bakeoff_end_to_end(tmp_path):
 
     one_line_error(lab(tmp_path, *[a.replace('12', '13') for a in args], ok=False), 'holds a bake-off made with '
                    'other settings (--max_iters=12 --max_iters=13): pass --name=<a new name> or delete')
-    one_line_error(lab(tmp_path, *args[1:], '--runs=topk,nope', ok=False), "no config 'nope'; the configs are: deepseek, dense")
+    one_line_error(lab(tmp_path, *args[1:], '--runs=topk,nope', ok=False), "no config 'nope'; the configs are: cosine, deepseek, dense")
     one_line_error(lab(tmp_path, *args[1:], '--runs=topk,topk', ok=False), 'two runs have the same label')
     one_line_error(lab(tmp_path, *args, '--dataset=textfiles', ok=False), "dataset 'textfiles' cannot be prepared")
     one_line_error(lab(tmp_path, *args[1:], '--runs=topk+top_k=99', '--name=bad', ok=False),

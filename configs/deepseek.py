@@ -2,7 +2,7 @@
 # Hardware: 2 CPU cores, about 5 minutes (python train.py config/deepseek.py).
 # In the router lab (multidomain bytes, 3 seeds): 1.5141 ± 0.0053 against top-k's 1.5099 (results/modern).
 # configs/topk.py's model, data and schedule; only the router differs: sigmoid scores, the bias
-# balancing the load, a tiny sequence-wise loss (DeepSeek-V3 §2.1.2, ROUTERS.md §5.1).
+# balancing the load, a tiny sequence-wise loss (DeepSeek-V3, arXiv 2412.19437, §2.1.2).
 out_dir = 'out-deepseek'
 dataset = 'shakespeare_char'  # UTF-8 bytes: the MoE layers, not a 50K-token embedding, hold the parameters
 eval_interval = 150

@@ -20,7 +20,7 @@ top_k = 2  # the average the controller aims for
 router = 'remoe'
 remoe_lambda0 = 1e-8  # paper defaults
 remoe_alpha = 1.2
-# What holds the controller at this scale (README, "ReMoE at small scale", 14 runs): at the full
+# What holds the controller at this scale (docs/remoe-small-scale.md, 14 runs): at the full
 # learning rate the routers' noisy updates push the sparsity above target faster than λ -> 0 can
 # let it back (off ReLU gates get no gradient), λ falls to 1e-45 and experts die. A 4x lower router
 # learning rate (top-k gains from it too) and a floor at λ0 settle it within ±0.025 from step ~430.

@@ -6,7 +6,7 @@
 # configs/topk.py, so the router is the only difference.
 # rmoe_init='torch' as the paper's code: with the normal(0.02) init the router logits start at std 0.003
 # (top-k: 0.2) and three of the four layers route near-uniformly for hundreds of steps; this init closes
-# the 0.04 gap to top-k at steps 300-600 (README: RMoE at small scale; one seed, the 1,500-step runs pending).
+# the 0.04 gap to top-k at steps 300-600 (docs/rmoe-small-scale.md; one seed, the 1,500-step runs pending).
 out_dir = 'out-rmoe'
 dataset = 'shakespeare_char'  # UTF-8 bytes: the MoE layers, not a 50K-token embedding, hold the parameters
 eval_interval = 150

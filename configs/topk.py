@@ -19,5 +19,5 @@ router = 'topk'
 aux_loss_coef = 0.01
 router_lr_scale = 0.25  # the routers learn 4x slower: better val loss for top-k and ReMoE (README)
 # the kept gates rescaled to sum to 1 (Mixtral, RMoE's code): 0.036 better val loss at step 600 (one seed,
-# README: RMoE at small scale). ReMoE's own top-k baseline does not (pre-softmax): topk+router_renorm=False
+# docs/rmoe-small-scale.md). ReMoE's own top-k baseline does not (pre-softmax): topk+router_renorm=False
 router_renorm = True

@@ -1,0 +1,22 @@
+# SMoE-MLP (RMoE Tables 1 and 4): top-2 whose router is a two-layer GELU MLP. Its hidden width matches the
+# parameters of configs/rmoe.py's recurrent router (p = 64): 14,944 a layer, so 110 hidden units (14,960).
+# Hardware: 2 CPU cores, about 5 minutes (python train.py config/mlp.py). Lab score: not run yet.
+out_dir = 'out-mlp'
+dataset = 'shakespeare_char'  # UTF-8 bytes: the MoE layers, not a 50K-token embedding, hold the parameters
+eval_interval = 150
+eval_iters = 20
+max_iters = 1500
+batch_size = 16
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+ffn_hidden = 256  # per expert; K * ffn_hidden = the dense config's 512
+moe_every = 1
+n_expert = 8
+top_k = 2  # RMoE Table 1: top-2 (of 16 there)
+router = 'mlp'
+router_hidden = 110  # (router_hidden=0 matches RMoE's router at rmoe_dim's default, p = 128)
+aux_loss_coef = 0.01  # RMoE §4.1: the balance loss 0.01 for every router of Table 1
+router_lr_scale = 0.25  # as configs/topk.py, so the logits are the only difference
+router_renorm = True  # as configs/topk.py and RMoE's code

@@ -1,0 +1,21 @@
+# RandomSMoE (RMoE Table 1): top-2 behind a linear router drawn at random and frozen (a buffer, out of the
+# optimizer), the balance loss still on, as RMoE ran it.
+# Hardware: 2 CPU cores, about 5 minutes (python train.py config/random.py). Lab score: not run yet.
+out_dir = 'out-random'
+dataset = 'shakespeare_char'  # UTF-8 bytes: the MoE layers, not a 50K-token embedding, hold the parameters
+eval_interval = 150
+eval_iters = 20
+max_iters = 1500
+batch_size = 16
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+ffn_hidden = 256  # per expert; K * ffn_hidden = the dense config's 512
+moe_every = 1
+n_expert = 8
+top_k = 2  # RMoE Table 1: top-2 (of 16 there)
+router = 'random'
+aux_loss_coef = 0.01  # RMoE §4.1: the balance loss 0.01 for every router of Table 1
+router_lr_scale = 0.25  # as configs/topk.py, so the logits are the only difference
+router_renorm = True  # as configs/topk.py and RMoE's code
