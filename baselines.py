@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from routers import LearnedRouter, Router, TopKRouter, register, routing_stats, switch_balance_loss
+from routers import LearnedRouter, Router, register, routing_stats
+from softmax_routers import TopKRouter, switch_balance_loss
 
 
 @register

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from experts import Experts, check_impl, swiglu
 import baselines  # noqa: F401 (registers the comparison routers in routers.ROUTERS)
 import lory  # noqa: F401 (registers Lory, whose MoE block merges the experts' weights)
-from routers import BALANCES, RMOE_FLOWS, RMOE_INITS, ROUTERS, SCORES, Router, log_record, make_router
+from routers import RMOE_FLOWS, RMOE_INITS, ROUTERS, Router, log_record, make_router
+from softmax_routers import BALANCES, SCORES  # (and registers topk and prototype)
 
 
 @dataclass

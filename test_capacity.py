@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
-from routers import capacity_keep, make_router
+from routers import make_router
+from softmax_routers import capacity_keep
 from test_routers import build_prototype
 
 

@@ -15,7 +15,8 @@ import sample
 from conftest import read_log, train
 from experts import swiglu
 from model import GPT, GPTConfig, MoE
-from routers import make_router, switch_balance_loss
+from routers import make_router
+from softmax_routers import switch_balance_loss
 
 
 def sigmoid_router(E, K, D, seed, recurrent=False, **extra):

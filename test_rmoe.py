@@ -187,7 +187,7 @@ def test_rmoe_knobs_are_refused_without_the_recurrent_router():
 
 @pytest.mark.parametrize('renorm', [False, True])
 def test_routing_stats_of_topk(renorm):
-    from routers import TopKRouter
+    from softmax_routers import TopKRouter
     torch.manual_seed(0)
     config = GPTConfig(n_embd=16, n_head=1, n_layer=1, n_expert=8, top_k=2, router_renorm=renorm)
     router, x = TopKRouter(config), torch.randn(64, 16)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from experts import moe_ffn, swiglu
 from model import GPT, GPTConfig
-from routers import TopKRouter, make_router, routing_stats, switch_balance_loss, z_loss
+from routers import make_router, routing_stats
+from softmax_routers import TopKRouter, switch_balance_loss, z_loss
 
 @st.composite
 def topk_setups(draw):
