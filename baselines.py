@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from routers import LearnedRouter, Router, register, routing_stats
-from softmax_routers import TopKRouter, switch_balance_loss
+from softmax_routers import TopKRouter, switch_balance_loss, z_loss
 
 
 @register
@@ -130,7 +130,7 @@ class ExpertChoiceRouter(LearnedRouter):
         stats = routing_stats(gates, probs, logits)
         stats['unrouted'] = ((gates > 0).sum(-1) == 0).float().mean()  # tokens no expert took
         stats['dropped'] = gates.new_zeros(())
-        aux_loss = self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()  # Zhou et al.: no balance loss
+        aux_loss = self.z_loss_coef * z_loss(logits)  # no balance loss (Zhou et al.: each expert takes C)
         return gates.to(x.dtype), aux_loss, stats, state
 
     @classmethod
