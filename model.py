@@ -375,12 +375,16 @@ class GPT(nn.Module):
                     aux_loss=aux_loss.detach() if aux_losses else torch.zeros((), device=idx.device))
         return logits, loss, info
 
-    def configure_optimizer(self, learning_rate, weight_decay, betas, fused=False, router_lr_scale=1.0,
+    def configure_optimizer(self, learning_rate, weight_decay, betas, fused=None, router_lr_scale=1.0,
                             decay_router=True):
         """AdamW with weight decay on weight matrices only: norms' gains are 1-d and are not decayed.
         The routers may have a learning rate (router_lr_scale x learning_rate) and a weight decay
         (none when decay_router=False) of their own. Each group's 'lr_scale' multiplies the
-        learning rate the training loop sets."""
+        learning rate the training loop sets. fused=None: torch's fused AdamW (one kernel over all
+        parameters) where it has one, on CUDA and on the CPU (there 4-5x faster per step than the
+        foreach one for the CPU configs: regions.py), else the foreach one."""
+        if fused is None:
+            fused = all(p.device.type in ('cuda', 'cpu') for p in self.parameters())
         groups = {}  # (weight decay, lr scale) -> parameters
         for name, p in self.named_parameters():
             router = '.router.' in name

@@ -219,7 +219,7 @@ if dist.master:
 flops_per_token = raw_model.flops_per_token()  # of the full model, before EP keeps a slice here
 distributed.apply_expert_parallel(raw_model, dist)  # ep_size > 1: this rank's experts only
 
-optimizer = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2), fused=device_type == 'cuda',
+optimizer = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2),
                                           router_lr_scale=router_lr_scale, decay_router=decay_router)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if ckpt is not None:
