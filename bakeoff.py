@@ -7,6 +7,7 @@ then write a results table and plots of what each router does.
     python bakeoff.py --runs=topk,remoe --set=n_expert=16 --name=e16
     python bakeoff.py --jobs=1                 # one run at a time (default: 2 on a CPU of 2+ cores, 1 with a GPU)
     python bakeoff.py --runs="base:remoe,slow:remoe+remoe_alpha=1.1" --dataset=shakespeare_char --name=alpha
+    python bakeoff.py --print > jobs.txt      # one train.py command per run, for a scheduler (SLURM...)
 
 A run entry is [label:]config[+key=value...]: a config file, named as train.py takes it (topk,
 configs/topk.py, ...), with train.py overrides of its own (the label names it in tables and
@@ -22,12 +23,22 @@ any training, with the command that re-scores it (python train.py --init_from=re
 --out_dir=RUN --eval_only=True --compile=False: no training, the checkpoint not rewritten);
 --rescore runs those commands itself.
 
+Beyond one machine: the runs are independent. --print writes each unfinished run's folder and prints
+its train.py command, one line a run, without training: hand the lines to any scheduler (a SLURM job
+array runs line $SLURM_ARRAY_TASK_ID; docs/lab.md has the script). The same bake-off command without
+--print then takes every run those commands finished as done, trains what is left and writes the
+report. On a machine with several GPUs, --jobs=N (default: one a GPU) runs N at a time, each on a GPU
+of its own (CUDA_VISIBLE_DEVICES).
+
 This file is the entry point; the lab's internals are the package lab/: lab.analysis (the numbers
 of a run), lab.report (results.md) and lab.plots (the figures).
 """
 import argparse
+import contextlib
 import json
 import os
+import queue
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -133,14 +144,70 @@ def check_folder(folder, settings):
     path.write_text(json.dumps(settings, indent=1))
 
 
+def finished_elsewhere(out, state, max_iters):
+    """A run that a printed command trained (--print: a scheduler ran train.py itself): its folder's
+    run.json still says not done, while its log ends with the final score at the last step. Marked
+    done here, its time taken from the log (the logged steps' times: training, not queueing)."""
+    if state is None or state['done'] or not (out / 'log.jsonl').exists():
+        return False
+    log = analysis.read_log(out)
+    final = analysis.final_score(log)
+    if final is None or final['iter'] != max_iters:
+        return False
+    tokens = log.run['tokens_per_iter']
+    state.update(done=True, seconds=sum(tokens / r['tokens_per_sec'] for r in log.steps if r.get('tokens_per_sec')))
+    (out / 'run.json').write_text(json.dumps(state, indent=1))
+    return True
+
+
+def gpu_slots(jobs):
+    """With several GPUs, a queue of GPU ids that the running jobs take and give back, so that each run
+    has a GPU of its own (with more jobs than GPUs, they share in turn); None otherwise."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < 2:
+        return None
+    slots = queue.Queue()
+    for i in range(jobs):
+        slots.put(i % n)
+    return slots
+
+
+def print_commands(folder, runs, seeds, common):
+    """--print: each unfinished run's folder and run.json made, its train.py command printed (to stdout,
+    one a line; what is already done to stderr)."""
+    for label, config, overrides in runs:
+        for seed in seeds:
+            out = folder / 'runs' / f'{label}-s{seed}'
+            argv = train_argv(config, overrides, common, seed, out.resolve())
+            state_path = out / 'run.json'
+            state = json.loads(state_path.read_text()) if state_path.exists() else None
+            if state and (state['done'] or finished_elsewhere(out, state, max_iters_of(common))):
+                print(f"{out.name}: done", file=sys.stderr)
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            if state is None:
+                state_path.write_text(json.dumps({'argv': [str(a) for a in argv], 'done': False, 'seconds': 0.0},
+                                                 indent=1))
+            resume = ['--init_from=resume'] if (out / 'ckpt.pt').exists() else []
+            # this bake-off's own interpreter (a virtual environment's python, on a shared file system)
+            print(shlex.join(['cd', str(REPO)]) + ' && ' + shlex.join([
+                sys.executable, 'train.py', *map(str, argv), *resume]) + f" >> {shlex.quote(str((out / 'train.log').resolve()))} 2>&1")
+
+
+def max_iters_of(common):
+    return int(next(a for a in common if a.startswith('--max_iters=')).split('=', 1)[1])
+
+
 def train_all(folder, runs, seeds, common, jobs=1):
     """Train every (run, seed) not yet finished, `jobs` at a time, one line each with an ETA."""
     work = [(label, config, overrides, seed) for label, config, overrides in runs for seed in seeds]
     durations, lock, failed = [], threading.Lock(), threading.Event()
+    gpus = gpu_slots(jobs)
 
     def done(label, seed):
-        state = folder / 'runs' / f'{label}-s{seed}' / 'run.json'
-        return state.exists() and json.loads(state.read_text())['done']
+        out = folder / 'runs' / f'{label}-s{seed}'
+        state = json.loads((out / 'run.json').read_text()) if (out / 'run.json').exists() else None
+        return state is not None and (state['done'] or finished_elsewhere(out, state, max_iters_of(common)))
     left = [sum(not done(label, seed) for label, _, _, seed in work)]  # runs still to train, for the ETA
     # train.py's threads share the cores: each of `jobs` runs gets its share (on 2 cores two runs of
     # one thread train ~1.5x the tokens of one run of two, but each run's tokens/s is then lower)
@@ -172,7 +239,7 @@ def train_all(folder, runs, seeds, common, jobs=1):
         if state and how(state['argv']) != how(argv):
             raise LabError(f"{out} was trained with another command ({' '.join(state['argv'])}): "
                            f"give this entry another label or delete that folder")
-        if state and state['done']:
+        if state and (state['done'] or finished_elsewhere(out, state, max_iters_of(common))):
             print(f"[{n}/{len(work)}] {name}: done before ({analysis.fmt_minutes(state['seconds'])})")
             return
         resume = state is not None and (out / 'ckpt.pt').exists()
@@ -184,7 +251,13 @@ def train_all(folder, runs, seeds, common, jobs=1):
         state = state or {'argv': [str(a) for a in argv], 'done': False, 'seconds': 0.0}
         state_path.write_text(json.dumps(state, indent=1))
         t0 = time.time()
-        rc = run_train(argv + (['--init_from=resume'] if resume else []), out / 'train.log', env)
+        gpu = gpus.get() if gpus else None
+        try:
+            rc = run_train(argv + (['--init_from=resume'] if resume else []), out / 'train.log',
+                           env if gpu is None else {**env, 'CUDA_VISIBLE_DEVICES': str(gpu)})
+        finally:
+            if gpu is not None:
+                gpus.put(gpu)
         state['seconds'] += time.time() - t0
         state_path.write_text(json.dumps(state, indent=1))
         if rc != 0:
@@ -250,7 +323,8 @@ def main(argv=None):
                    f"(default: {DEFAULT_RUNS})")
     p.add_argument('--seeds', type=int, default=None, help='seeds per run (default 3, --quick 1)')
     p.add_argument('--jobs', type=int, default=None, help='runs trained at a time, sharing the cores (default: '
-                   '2 on a CPU of 2 or more cores, where two one-thread runs do ~1.5x the work of one on two; 1 with a GPU)')
+                   '2 on a CPU of 2 or more cores, where two one-thread runs do ~1.5x the work of one on two; one a '
+                   'GPU, each run on a GPU of its own)')
     p.add_argument('--dataset', default='multidomain', help="every run's dataset (default multidomain)")
     p.add_argument('--max_iters', type=int, default=None, help='training steps per run (default 1500, --quick 600)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
@@ -260,11 +334,14 @@ def main(argv=None):
     p.add_argument('--results', default='results', help='the folder holding every bake-off')
     p.add_argument('--data_dir', default='data')
     p.add_argument('--no_plots', action='store_true', help='the table only (needs no matplotlib)')
+    p.add_argument('--print', action='store_true', help="print each unfinished run's train.py command (for a "
+                   "scheduler) instead of training; the same command without --print then collects them")
     p.add_argument('--rescore', action='store_true', help='score again, on every validation token, the '
                    'finished runs made before train.py did so (no training); without it such runs stop the bake-off')
     args = p.parse_args(argv)
     if args.jobs is None:
-        args.jobs = 2 if (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available() else 1
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        args.jobs = gpus or (2 if (os.cpu_count() or 1) >= 2 else 1)
     seeds = args.seeds or (1 if args.quick else 3)
     max_iters = args.max_iters or (600 if args.quick else 1500)
     folder = Path(args.results) / (args.name or ('quick' if args.quick else 'default'))
@@ -281,21 +358,25 @@ def main(argv=None):
             except ImportError:
                 raise LabError("the plots need matplotlib: pip install matplotlib, or pass --no_plots") from None
         data_dir = os.path.abspath(args.data_dir)
-        try:  # once, here: one clear error instead of one per run
-            data.prepare(args.dataset, data_dir)
+        try:  # once, here: one clear error instead of one per run (--print: stdout holds only the commands)
+            with contextlib.redirect_stdout(sys.stderr) if args.print else contextlib.nullcontext():
+                data.prepare(args.dataset, data_dir)
         except data.DataError as e:
             raise LabError(f"dataset {args.dataset!r} cannot be prepared: {e}") from None
         common = [f'--dataset={args.dataset}', f'--data_dir={data_dir}', f'--max_iters={max_iters}',
                   f'--eval_interval={max(1, max_iters // 10)}', '--eval_iters=40', '--log_interval=1',
                   '--sample_tokens=0', *[f'--{s}' for s in args.set]]
         # the command that makes these results (--rescore only mends older runs: not part of it)
-        made_by = [a for a in (sys.argv[1:] if argv is None else argv) if a != '--rescore']
+        made_by = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--rescore', '--print')]
         check_folder(folder, {'common': common, 'argv': made_by})
         seeds = [1337 + i for i in range(seeds)]
         rescore_stale(folder, runs, seeds, args.rescore)  # before any training: old scores never mix with new
         for label, config, overrides in runs:
             if not (folder / 'runs' / f'{label}-s1337' / 'run.json').exists():
                 dry_run(label, config, overrides, common)
+        if args.print:
+            print_commands(folder, runs, seeds, common)
+            return
         train_all(folder, runs, seeds, common, args.jobs)
         report.write(folder, runs, seeds, plots=not args.no_plots)
     except (LabError, report.ReportError) as e:

@@ -276,6 +276,27 @@ def test_bakeoff_end_to_end(tmp_path):
     assert '[1/2] topk-s1337: val loss' in failing.stdout  # the run beside it finished
 
 
+def test_bakeoff_prints_commands_for_a_scheduler_and_collects_their_runs(tmp_path):
+    """--print: one train.py command a run, no training; once a scheduler (here: bash) has run them,
+    the bake-off takes them as done and writes its report."""
+    args = ['--runs=topk,dense', '--seeds=1', '--max_iters=6', '--dataset=shakespeare_char', '--name=p', '--no_plots',
+            *TINY]
+    printed = lab(tmp_path, *args, '--print')
+    lines = printed.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(' train.py configs/' in line and '--seed=1337' in line for line in lines), lines
+    run = tmp_path / 'results' / 'p' / 'runs' / 'topk-s1337'
+    assert not (run / 'log.jsonl').exists()  # nothing trained
+    proc = subprocess.run(['bash', '-c', lines[0]], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and (run / 'ckpt.pt').exists(), proc.stderr
+    again = lab(tmp_path, *args, '--print')  # what is left: the other run only
+    assert again.stdout.strip().splitlines() == lines[1:] and 'topk-s1337: done' in again.stderr
+    subprocess.run(['bash', '-c', lines[1]], check=True, timeout=600)
+    collected = lab(tmp_path, *args)
+    assert collected.stdout.count('done before') == 2 and ': training' not in collected.stdout
+    assert json.loads((run / 'run.json').read_text())['seconds'] > 0  # the logged steps' time
+    assert '| topk |' in (tmp_path / 'results' / 'p' / 'results.md').read_text()
+
+
 def test_report_kinds_name_router_balance_and_shared_experts():
     report = pytest.importorskip('lab.report')
     base = dict(moe_every=1, router='topk', recurrent_router=False, router_renorm=True)
@@ -334,6 +355,43 @@ def test_report_claims_find_the_studies_entries():
                            '(Default MoE §4): reversed',
                            "- Default MoE's defaults in the router's gradient only < in the output too (this repo): holds"]
 
+
+
+def test_report_claims_of_the_seeds_tables():
+    """ReMoE Table 2 (k = 1, with ReMoE and dMoE at k = 2 too) and RMoE Table 1, looked up by kind."""
+    report = pytest.importorskip('lab.report')
+    def row(kind, gap, k=1):
+        return {'kind': kind, 'run': {'n_expert': 8, 'top_k': k}, 'val': list(np.array([1.50, 1.55, 1.60]) + gap),
+                'domains': {}, 'cross_mi': list(np.array([0.5, 0.6, 0.7]) + gap)}
+    def heads(rows):
+        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in report.claims(rows)]
+    table2 = {'dense': row('dense', 0.05), 'hash': row('hash', 0.04), 'lory': row('lory', [0.05, 0.03, 0.045]),
+              'sparsemixer': row('sparsemixer', 0.02), 'expert_choice': row('expert_choice', 0.03),
+              'topk': row('topk-norenorm', 0.01), 'remoe': row('remoe', 0.0),
+              'topk-k2': row('topk-norenorm', -0.02, k=2), 'remoe-k2': row('remoe', -0.04, k=2)}
+    lines = heads(table2)
+    assert '- ReMoE < every other router at k = 1 (ReMoE Table 2), pair by pair:' in lines
+    at = lines.index('- every learned router < Hash (ReMoE Table 2), pair by pair:')
+    assert lines[at + 1:at + 6] == ['  - remoe < hash: holds', '  - lory < hash: not decided at this scale',
+                                    '  - sparsemixer < hash: holds', '  - expert_choice < hash: holds',
+                                    '  - topk < hash: holds']
+    assert '  - topk < expert_choice: holds' in lines  # dMoE ahead of the others
+    # the k trend pairs each k's entries (two top-k kinds alike: told apart by top_k)
+    at = lines.index('- ReMoE < dMoE (top-k, unrenormalised) at each k, and whether the gain grows with k (no paper '
+                     'claims a direction) (ReMoE Table 2 at k = 1), k by k:')
+    assert lines[at + 1] == '  - at k=1: holds'
+    assert lines[at + 3] == '  - gain at k=1 < gain at k=2: holds'  # 0.01 at k = 1, 0.02 at k = 2
+    table1 = {'topk': row('topk', 0.0, 2), 'rmoe': row('topk-recurrent', -0.01, 2), 'mlp': row('mlp', 0.002, 2),
+              'random': row('random', 0.03, 2), 'cosine': row('cosine', 0.01, 2), 'xmoe': row('xmoe', 0.01, 2),
+              'hyperrouter': row('hyperrouter', 0.005, 2), 'xmoe-gru': row('xmoe-recurrent', 0.0, 2)}
+    lines = heads(table1)
+    at = lines.index('- RMoE < every other router of Table 1 (RMoE Table 1), pair by pair:')
+    assert [line.split(':')[0] for line in lines[at + 1:at + 6]] == [
+        '  - rmoe < hyperrouter', '  - rmoe < mlp', '  - rmoe < random', '  - rmoe < cosine', '  - rmoe < xmoe']
+    assert '- XMoE with the GRU < XMoE (RMoE Table 2): holds' in lines
+    assert any(line.startswith('- a linear router < the MLP router') and line.endswith('holds') for line in lines)
+    assert "- RMoE's cross-layer MI > random's (RMoE Fig. 3), bits between consecutive layers' expert choices: " \
+           "reversed" in lines  # (MI here moves with the loss gap: random's is the highest)
 
 def test_verdict_is_paired_seed_by_seed():
     report = pytest.importorskip('lab.report')

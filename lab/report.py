@@ -183,6 +183,10 @@ TRENDS = (
      'ReMoE §4.3, Fig. 6c', False),
     ('n_layer', 'layers', 'topk-recurrent', 'topk', "RMoE's gain over top-k grows with depth",
      'RMoE Fig. 2', True),
+    # ReMoE's own top-k baseline (dMoE) keeps the softmax probabilities as gates: at k = 1 a renormalised
+    # gate would always be 1. Its gain at k = 1 (Table 2) against k = 2 (the lab's default K)
+    ('top_k', 'k', 'remoe', 'topk-norenorm', "ReMoE < dMoE (top-k, unrenormalised) at each k, and whether the gain "
+     "grows with k (no paper claims a direction)", 'ReMoE Table 2 at k = 1', True),
 )
 TREND_DEFAULTS = {'expert_granularity': 1}  # logs made before a setting existed ran at its default
 
@@ -288,6 +292,40 @@ def claims(rows):
           [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
     for args in TRENDS:
         out.extend(trend(rows, *args))
+
+    def each(text, source, pairs):
+        # one claim over several pairs (A < B each), decided pair by pair; pairs with a missing entry skipped
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if pairs:
+            out.append(f'- {text} ({source}), pair by pair:')
+            for a, b in pairs:
+                out.extend(loss(a, b, indent='  '))
+
+    # ReMoE Table 2 (E = 8, k = 1): ReMoE lowest of all; Hash, whose routing is not learned, behind every
+    # learned router; dMoE (top-k, unrenormalised: a renormalised top-1 gate is always 1) ahead of the
+    # other routers of that table; Lory ahead of Hash (the paper shows it in training loss)
+    hashed = _one(rows, 'hash')
+    if hashed:  # the Table 2 study (its runs at k = 1; a study may add ReMoE and top-k at k = 2: TRENDS)
+        table2 = {k: _one(rows, k, top_k=1) for k in ('lory', 'sparsemixer', 'expert_choice', 'topk')}
+        remoe, dmoe, dense = _one(rows, 'remoe', top_k=1), table2['topk'], _one(rows, 'dense')
+        each('ReMoE < every other router at k = 1', 'ReMoE Table 2', [(remoe, b) for b in [dense, hashed, *table2.values()]])
+        each('every learned router < Hash', 'ReMoE Table 2', [(a, hashed) for a in [remoe, *table2.values()]])
+        each('dMoE < the other routers of the table but ReMoE', 'ReMoE Table 2',
+             [(dmoe, table2[k]) for k in ('lory', 'sparsemixer', 'expert_choice')] + [(dmoe, hashed)])
+    # RMoE Table 1 (top-2 of 16 there): RMoE ahead of every router it lists; Table 4: a bigger router
+    # (SMoE-MLP) does not help; Table 2: the GRU helps XMoE's router too
+    rmoe = _one(rows, 'topk-recurrent')
+    table1 = {k: _one(rows, k) for k in ('hyperrouter', 'mlp', 'random', 'cosine', 'xmoe')}
+    if rmoe and any(table1.values()):  # the Table 1 study
+        # (RMoE < top-k, and its MI against top-k's, are claims of every bake-off: above and below)
+        each('RMoE < every other router of Table 1', 'RMoE Table 1', [(rmoe, b) for b in table1.values()])
+        claim('a linear router < the MLP router of about its size, i.e. the MLP is no better (not decided is '
+              'consistent)', 'RMoE Table 4', [_one(rows, 'topk'), table1['mlp']])
+        claim('XMoE with the GRU < XMoE', 'RMoE Table 2', [_one(rows, 'xmoe-recurrent'), table1['xmoe']])
+        for b in [*table1.values(), _one(rows, 'xmoe-recurrent')]:
+            if b:
+                out.append(paired(rmoe, b, 'cross_mi', '>', 3, name=f"RMoE's cross-layer MI > {b}'s (RMoE Fig. 3), "
+                                  "bits between consecutive layers' expert choices"))
     # RMoE Table 5: passing the state beats not passing it (NP) and passing it detached; detached is
     # worse than no recurrence at all
     rmoe = _one(rows, 'topk-recurrent')
