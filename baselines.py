@@ -137,6 +137,10 @@ class ExpertChoiceRouter(LearnedRouter):
     def kind(cls, run):
         return super().kind(run) + (['choice'] if run.get('ec_eval', 'topk') == 'choice' else [])
 
+    def score_variants(self):
+        # the final score with the training rule too, beside the causal one: how much the leak is worth
+        return {'teacher_forced': {'eval_rule': 'choice'}} if self.eval_rule != 'choice' else {}
+
 
 @register
 class SparseMixerRouter(LearnedRouter):

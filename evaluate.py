@@ -76,3 +76,23 @@ def score_split(model, batches, ctx, d, split='val', rows=None):
     for i, name in enumerate(domains):
         out[f'{split}_{name}'] = (sums[0, 1 + i] / sums[1, 1 + i]).item() if sums[1, 1 + i] else float('nan')
     return out
+
+
+def score_variants(model, batches, ctx, d):
+    """{'val_loss_<name>': the val score with the routers set as the router's score_variants() name
+    them} (Expert Choice's teacher-forced score beside its causal one); {} for other models. The
+    routers are put back as they were, whatever happens."""
+    routers = model.routers()
+    out = {}
+    for name, attrs in (routers[0].score_variants() if routers else {}).items():
+        saved = [{k: getattr(r, k) for k in attrs} for r in routers]
+        try:
+            for r in routers:
+                for k, v in attrs.items():
+                    setattr(r, k, v)
+            out[f'val_loss_{name}'] = score_split(model, batches, ctx, d)['val']
+        finally:
+            for r, old in zip(routers, saved):
+                for k, v in old.items():
+                    setattr(r, k, v)
+    return out

@@ -175,6 +175,12 @@ class Router(nn.Module):
         (ReMoE's λ); {} for routers that keep none. Per-layer state goes in the forward's stats."""
         return {}
 
+    def score_variants(self):
+        """Other ways to score the same weights, each {name: {router attribute: value}}: the final score
+        is also taken with those attributes set on every router and logged as val_loss_<name>
+        (evaluate.score_variants). None by default; Expert Choice scores with its training rule too."""
+        return {}
+
     def console(self, record):
         """What the console line shows of a logged step's record (log_record's, over all MoE layers):
         what a user watches for this router. By default the load's spread over the experts."""

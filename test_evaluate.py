@@ -79,3 +79,23 @@ def test_score_per_domain(tiny):
     assert got['val_even'] == pytest.approx(sum(even) / len(even), rel=1e-5)
     assert got['val_odd'] == pytest.approx(sum(odd) / len(odd), rel=1e-5)
     assert math.isclose(got['val'], (sum(even) + sum(odd)) / (n - 1), rel_tol=1e-5)
+
+
+def test_expert_choice_is_also_scored_with_its_training_rule(tiny):
+    """Expert Choice's final score is causal (token choice); score_variants adds the teacher-forced
+    score of its training rule, equal to a model built with ec_eval='choice', and puts the rule back."""
+    from evaluate import score_variants
+    folder = tiny[0]
+    batches = data.Batches(folder, batch_size=3, block_size=T)
+    scores = {}
+    for rule in ('topk', 'choice'):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=T, vocab_size=256, n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_expert=4,
+                              top_k=1, router='expert_choice', ec_eval=rule))
+        scores[rule] = score_split(model, batches, nullcontext(), distributed.Dist())['val'], model
+    causal, model = scores['topk']
+    variants = score_variants(model, batches, nullcontext(), distributed.Dist())
+    assert variants == {'val_loss_teacher_forced': scores['choice'][0]} and variants['val_loss_teacher_forced'] != causal
+    assert all(r.eval_rule == 'topk' for r in model.routers())  # put back
+    assert score_variants(scores['choice'][1], batches, nullcontext(), distributed.Dist()) == {}  # already the rule
+    assert score_variants(tiny[1], batches, nullcontext(), distributed.Dist()) == {}  # ReMoE: none

@@ -369,7 +369,11 @@ def test_report_claims_of_the_seeds_tables():
               'sparsemixer': row('sparsemixer', 0.02), 'expert_choice': row('expert_choice', 0.03),
               'topk': row('topk-norenorm', 0.01), 'remoe': row('remoe', 0.0),
               'topk-k2': row('topk-norenorm', -0.02, k=2), 'remoe-k2': row('remoe', -0.04, k=2)}
+    table2['expert_choice']['variants'] = {'teacher_forced': list(np.array(table2['expert_choice']['val']) - 0.05)}
     lines = heads(table2)
+    assert lines[-1] == '- Expert Choice scored with its training rule (teacher-forced, each expert picking from the ' \
+                        'whole sequence, later tokens included) < scored causally (token choice over the same ' \
+                        'scores, the score in the tables) (ReMoE Table 2 ran EC; this repo): holds'
     assert '- ReMoE < every other router at k = 1 (ReMoE Table 2), pair by pair:' in lines
     at = lines.index('- every learned router < Hash (ReMoE Table 2), pair by pair:')
     assert lines[at + 1:at + 6] == ['  - remoe < hash: holds', '  - lory < hash: not decided at this scale',

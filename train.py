@@ -28,7 +28,7 @@ import data  # noqa: E402
 import distributed  # noqa: E402
 from checkpoint import (CheckpointError, Saver, StopSignals, check_out_dir, load_checkpoint,  # noqa: E402
                         model_from_checkpoint, restore_training, resume_path)
-from evaluate import estimate_loss, score_split  # noqa: E402
+from evaluate import estimate_loss, score_split, score_variants  # noqa: E402
 from model import GPT, GPTConfig, device_peak_flops  # noqa: E402
 from sample import generate_text  # noqa: E402
 
@@ -269,18 +269,21 @@ while True:
         break
     # the run's score, every val token once (evaluate.py says why); max_iters=0 only checks that a config starts
     final = (last and iter_num > 0) or eval_only
+    variants = {}
     if iter_num % eval_interval == 0 or final:
         losses = estimate_loss(model, batches, eval_iters, ctx, dist)
         if final:
             losses.update(score_split(raw_model, batches, ctx, dist))
+            variants = score_variants(raw_model, batches, ctx, dist)  # e.g. Expert Choice's teacher-forced score
         if dist.master:
             per_domain = {name: round(losses[f'val_{name}'], 5) for name in domains}
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   + ''.join(f", {name} {loss:.4f}" for name, loss in per_domain.items())
-                  + (f" (every val token: {losses['val_tokens']:,})" if final else ''))
+                  + (f" (every val token: {losses['val_tokens']:,})" if final else '')
+                  + ''.join(f", {name.removeprefix('val_loss_')} {loss:.4f}" for name, loss in variants.items()))
             log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
                  **({'val_loss_per_domain': per_domain} if domains else {}),
-                 **({'final': True, 'val_tokens': losses['val_tokens']} if final else {})})
+                 **({'final': True, 'val_tokens': losses['val_tokens'], **variants} if final else {})})
         improved = losses['val'] < best_val_loss
         saving = (improved or always_save_checkpoint) and (iter_num > 0 or last) and not eval_only
         if saving and math.isfinite(losses['val']):

@@ -94,6 +94,9 @@ def summarize(folder, runs, seeds):
             'experts': None if loads[0] is None else np.mean([log.steps[-1]['active_experts'] for log in logs], axis=0),
             'controller': [analysis.remoe_controller(log) for log in logs],
         }
+        # the same weights scored another way (router.score_variants: Expert Choice's teacher-forced rule)
+        row['variants'] = {k.removeprefix('val_loss_'): [f[k] for f in finals] for k in finals[0]
+                           if k.startswith('val_loss_') and k != 'val_loss_per_domain' and all(k in f for f in finals)}
         if snaps[0] is not None:  # None: a dense model, no router to look at
             row['cross_mi'] = [analysis.cross_layer_mutual_information(s) for s in snaps]
             if snaps[0]['domains'] is not None:
@@ -312,6 +315,15 @@ def claims(rows):
         each('every learned router < Hash', 'ReMoE Table 2', [(a, hashed) for a in [remoe, *table2.values()]])
         each('dMoE < the other routers of the table but ReMoE', 'ReMoE Table 2',
              [(dmoe, table2[k]) for k in ('lory', 'sparsemixer', 'expert_choice')] + [(dmoe, hashed)])
+        ec = table2['expert_choice']
+        if ec and 'teacher_forced' in rows[ec].get('variants', {}):
+            # EC's training rule sees later tokens of the sequence: scored with it, the same weights look better
+            causal, forced = rows[ec]['val'], rows[ec]['variants']['teacher_forced']
+            p = verdict(np.subtract(forced, causal), '<')
+            out.append(f"- Expert Choice scored with its training rule (teacher-forced, each expert picking from the whole "
+                       f"sequence, later tokens included) < scored causally (token choice over the same scores, the "
+                       f"score in the tables) (ReMoE Table 2 ran EC; this repo): **{p.verdict}**: {np.mean(forced):.4f} "
+                       f"vs {np.mean(causal):.4f}; teacher-forced − causal = {numbers(p, 4)}")
     # RMoE Table 1 (top-2 of 16 there): RMoE ahead of every router it lists; Table 4: a bigger router
     # (SMoE-MLP) does not help; Table 2: the GRU helps XMoE's router too
     rmoe = _one(rows, 'topk-recurrent')
