@@ -477,3 +477,33 @@ def test_trend_claims_pair_the_gain_seed_by_seed():
     assert lines[2].startswith('  - at layers=8: topk-recurrent < topk: **holds**')
     assert lines[3].startswith('  - gain at layers=4 < gain at layers=8: **holds**: difference -0.0053 ± ')
     assert report.trend({'topk': rows['topk'], 'rmoe': rows['rmoe']}, *report.TRENDS[2]) == []  # one depth
+
+
+def test_report_claims_of_m6t():
+    """M6-T's findings, looked up by kind and setting: k against k and against dense of its active size,
+    capacity against capacity, no balancing against the aux loss, prototyping against top-k at its best."""
+    report = pytest.importorskip('lab.report')
+    def row(kind, gap, k=2, cf=0.0, hidden=256):
+        return {'kind': kind, 'run': {'top_k': k, 'capacity_factor': cf, 'ffn_hidden': hidden},
+                'val': list(np.array([1.50, 1.55, 1.60]) + gap), 'domains': {}}
+    def heads(rows):
+        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in report.claims(rows)]
+    rows = {'topk-k1': row('topk', 0.03, k=1), 'topk': row('topk', 0.0), 'topk-k4': row('topk', -0.02, k=4),
+            'dense-k1': row('dense', 0.04, hidden=256), 'dense': row('dense', 0.02, hidden=512),
+            'dense-k4': row('dense', -0.03, hidden=1024),
+            'cf1': row('topk', 0.02, cf=1.0), 'cf2': row('topk', [0.001, -0.001, 0.0], cf=2.0),
+            'noaux': row('topk-noaux', [0.002, -0.001, 0.001]),
+            'topk-norenorm': row('topk-norenorm', 0.01), 'prototype': row('prototype', 0.03),
+            'prototype-norenorm': row('prototype-norenorm', 0.02)}
+    lines = heads(rows)
+    at = lines.index('- more active experts help top-k (M6-T abstract), k by k:')
+    assert lines[at + 1:at + 3] == ['  - topk < topk-k1: holds', '  - topk-k4 < topk: holds']
+    at = lines.index('- ... beyond their compute: top-k < dense of the same active size, at each k (what "helps" '
+                     'means here; M6-T abstract), k by k:')
+    assert lines[at + 1:at + 4] == ['  - topk-k1 < dense-k1: holds', '  - topk < dense: holds',
+                                    '  - topk-k4 < dense-k4: reversed']
+    at = lines.index('- capacity matters: a larger capacity, a lower loss (M6-T abstract), capacity by capacity:')
+    assert lines[at + 1:at + 3] == ['  - topk < cf2: not decided at this scale', '  - cf2 < cf1: holds']
+    assert '- the aux loss < no balancing, which M6-T finds no significant problem for quality (not decided is ' \
+           'consistent) (M6-T abstract): not decided at this scale' in lines
+    assert '- expert prototyping < top-k, each at its better renormalisation (M6-T abstract): reversed' in lines

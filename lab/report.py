@@ -191,7 +191,7 @@ TRENDS = (
     ('top_k', 'k', 'remoe', 'topk-norenorm', "ReMoE < dMoE (top-k, unrenormalised) at each k, and whether the gain "
      "grows with k (no paper claims a direction)", 'ReMoE Table 2 at k = 1', True),
 )
-TREND_DEFAULTS = {'expert_granularity': 1}  # logs made before a setting existed ran at its default
+TREND_DEFAULTS = {'expert_granularity': 1, 'capacity_factor': 0.0}  # logs made before a setting existed ran at its default
 
 
 def trend(rows, key, short, a, b, text, source, grows):
@@ -214,6 +214,55 @@ def trend(rows, key, short, a, b, text, source, grows):
             p = verdict(gains[v1] - gains[v2], '<')
             lines.append(f'  - gain at {short}={v1} < gain at {short}={v2}: **{p.verdict}**: difference {numbers(p)}')
     return lines
+
+
+def m6t_claims(rows, loss):
+    """M6-T's findings (arXiv 2105.15082) as claims, for top-k: more active experts help (each k against the
+    next, and against dense of the same active size, so that "helps" is more than the added compute);
+    capacity matters (dropless and each capacity factor against the next smaller one); load imbalance is
+    not a significant problem (the aux loss against none); prototyping against top-k, each at its better
+    renormalisation. Needs the study's entries: several k, several capacities, or both balance settings."""
+    out = []
+    def pair(text, source, a, b):
+        if a and b:
+            out.extend(loss(a, b, name=f'{text} ({source})'))
+    def topk(**setting):
+        return _one(rows, 'topk', exact=True, **{'capacity_factor': 0.0, **setting})
+    ks = sorted({r['run'].get('top_k') for r in rows.values() if r['kind'] == 'topk'})
+    by_k = [(k, topk(top_k=k)) for k in ks if topk(top_k=k)]
+    if len(by_k) > 1:
+        out.append('- more active experts help top-k (M6-T abstract), k by k:')
+        for (k1, a), (k2, b) in zip(by_k, by_k[1:]):
+            out.extend(loss(b, a, indent='  '))
+        # each k's top-k against dense of its active size (ffn_hidden = k x an expert's hidden)
+        dense = [(k, label, _one(rows, 'dense', ffn_hidden=k * rows[label]['run']['ffn_hidden'])) for k, label in by_k]
+        dense = [(k, a, d) for k, a, d in dense if d]
+        if dense:
+            out.append('- ... beyond their compute: top-k < dense of the same active size, at each k (what "helps" means '
+                       'here; M6-T abstract), k by k:')
+            for k, a, d in dense:
+                out.extend(loss(a, d, indent='  '))
+    k = 2  # configs/topk.py's: the capacity, balance and prototyping entries of the study run at it
+    cfs = sorted({r['run'].get('capacity_factor', 0.0) for r in rows.values() if r['kind'] == 'topk'} - {0.0})
+    by_cf = [(c, _one(rows, 'topk', exact=True, top_k=k, capacity_factor=c)) for c in cfs]
+    by_cf = [(c, label) for c, label in by_cf if label]
+    dropless = topk(top_k=k)
+    if by_cf and dropless:
+        out.append('- capacity matters: a larger capacity, a lower loss (M6-T abstract), capacity by capacity:')
+        chain = [dropless] + [label for _, label in reversed(by_cf)]  # dropless, then the largest capacity first
+        for a, b in zip(chain, chain[1:]):
+            out.extend(loss(a, b, indent='  '))
+    pair('the aux loss < no balancing, which M6-T finds no significant problem for quality (not decided is '
+         'consistent)',
+         'M6-T abstract', topk(top_k=k), _one(rows, 'topk-noaux', exact=True, top_k=k))
+    # prototyping against top-k, each at its better renormalisation (by mean val over the seeds)
+    def best(name):
+        found = [label for label in (_one(rows, variant, exact=True, top_k=k, capacity_factor=0.0)
+                                     for variant in (name, name + '-norenorm')) if label]
+        return min(found, key=lambda label: np.mean(rows[label]['val'])) if len(found) == 2 else None
+    proto, top = best('prototype'), best('topk')
+    pair('expert prototyping < top-k, each at its better renormalisation', 'M6-T abstract', proto, top)
+    return out
 
 
 HOLDS, REVERSED, UNDECIDED, ONE_SEED = 'holds', 'reversed', 'not decided at this scale', 'one seed: not decided'
@@ -338,6 +387,7 @@ def claims(rows):
             if b:
                 out.append(paired(rmoe, b, 'cross_mi', '>', 3, name=f"RMoE's cross-layer MI > {b}'s (RMoE Fig. 3), "
                                   "bits between consecutive layers' expert choices"))
+    out.extend(m6t_claims(rows, loss))
     # RMoE Table 5: passing the state beats not passing it (NP) and passing it detached; detached is
     # worse than no recurrence at all
     rmoe = _one(rows, 'topk-recurrent')
