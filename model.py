@@ -381,8 +381,8 @@ class GPT(nn.Module):
         The routers may have a learning rate (router_lr_scale x learning_rate) and a weight decay
         (none when decay_router=False) of their own. Each group's 'lr_scale' multiplies the
         learning rate the training loop sets. fused=None: torch's fused AdamW (one kernel over all
-        parameters) where it has one, on CUDA and on the CPU (there 4-5x faster per step than the
-        foreach one for the CPU configs: regions.py), else the foreach one."""
+        parameters) where it has one, on CUDA and on the CPU (there 2.5-4x faster a step than the
+        foreach one for the CPU configs: docs/benchmarks.md), else the foreach one."""
         if fused is None:
             fused = all(p.device.type in ('cuda', 'cpu') for p in self.parameters())
         groups = {}  # (weight decay, lr scale) -> parameters
