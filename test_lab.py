@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lab import analysis
+from lab import claims as lab_claims
 
 REPO = Path(__file__).resolve().parent
 
@@ -320,12 +321,11 @@ def test_report_kinds_name_router_balance_and_shared_experts():
 
 
 def test_report_claims_find_the_studies_entries():
-    report = pytest.importorskip('lab.report')
     def row(kind, gap):  # every seed `gap` above the same per-seed base
         return {'kind': kind, 'run': {'n_expert': 8}, 'val': list(np.array([1.50, 1.55, 1.60]) + gap), 'domains': {},
                 'cross_mi': [0.5, 0.6, 0.7]}
     def heads(rows):
-        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in report.claims(rows)]
+        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in lab_claims.claims(rows)]
     table5 = {'topk': row('topk', [0, 0, 0]), 'rmoe': row('topk-recurrent', [-0.004, -0.005, -0.003]),
               'rmoe-np': row('topk-recurrent-np', [0.001, -0.001, 0.002]),
               'rmoe-detach': row('topk-recurrent-detach', [0.010, 0.012, 0.011])}
@@ -359,12 +359,11 @@ def test_report_claims_find_the_studies_entries():
 
 def test_report_claims_of_the_seeds_tables():
     """ReMoE Table 2 (k = 1, with ReMoE and dMoE at k = 2 too) and RMoE Table 1, looked up by kind."""
-    report = pytest.importorskip('lab.report')
     def row(kind, gap, k=1):
         return {'kind': kind, 'run': {'n_expert': 8, 'top_k': k}, 'val': list(np.array([1.50, 1.55, 1.60]) + gap),
                 'domains': {}, 'cross_mi': list(np.array([0.5, 0.6, 0.7]) + gap)}
     def heads(rows):
-        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in report.claims(rows)]
+        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in lab_claims.claims(rows)]
     table2 = {'dense': row('dense', 0.05), 'hash': row('hash', 0.04), 'lory': row('lory', [0.05, 0.03, 0.045]),
               'sparsemixer': row('sparsemixer', 0.02), 'expert_choice': row('expert_choice', 0.03),
               'topk': row('topk-norenorm', 0.01), 'remoe': row('remoe', 0.0),
@@ -398,33 +397,31 @@ def test_report_claims_of_the_seeds_tables():
            "reversed" in lines  # (MI here moves with the loss gap: random's is the highest)
 
 def test_verdict_is_paired_seed_by_seed():
-    report = pytest.importorskip('lab.report')
     # a small gap that every seed agrees on holds
-    p = report.verdict([-0.010, -0.011, -0.009])
+    p = lab_claims.verdict([-0.010, -0.011, -0.009])
     assert p.verdict == 'holds' and p.agree == 3 and p.n == 3
     assert p.mean == pytest.approx(-0.010) and p.se == pytest.approx(0.001 / np.sqrt(3)) and p.t < -2
     # seeds far apart (std 0.05, ten times the gap) but a consistent-sign small gap: still holds
     b = np.array([1.505, 1.556, 1.604])
     a = b - [0.005, 0.006, 0.004]
     assert 0.005 < 2 * max(analysis.mean_std(a)[1], analysis.mean_std(b)[1])  # the old unpaired rule: noise
-    assert report.verdict(a - b).verdict == 'holds'
+    assert lab_claims.verdict(a - b).verdict == 'holds'
     # a sign flip: not decided, however large the mean
-    p = report.verdict([-0.030, 0.012, -0.020])
+    p = lab_claims.verdict([-0.030, 0.012, -0.020])
     assert p.verdict == 'not decided at this scale' and p.agree == 2
     # a consistent gap the other way: reversed
-    assert report.verdict([0.010, 0.012, 0.009]).verdict == 'reversed'
-    assert report.verdict([0.010, 0.012, 0.009], claimed='>').verdict == 'holds'  # "A > B"
+    assert lab_claims.verdict([0.010, 0.012, 0.009]).verdict == 'reversed'
+    assert lab_claims.verdict([0.010, 0.012, 0.009], claimed='>').verdict == 'holds'  # "A > B"
     # exactly at 2 SE is not more than 2 SE; a NaN decides nothing
-    assert report.verdict([-1.0, -3.0]).verdict == 'not decided at this scale'  # mean -2, se 1
-    assert report.verdict([-0.01, np.nan, -0.01]).verdict == 'not decided at this scale'
+    assert lab_claims.verdict([-1.0, -3.0]).verdict == 'not decided at this scale'  # mean -2, se 1
+    assert lab_claims.verdict([-0.01, np.nan, -0.01]).verdict == 'not decided at this scale'
     # one seed: no standard error, no verdict
-    p = report.verdict([-0.5])
+    p = lab_claims.verdict([-0.5])
     assert p.verdict == 'one seed: not decided' and p.se is None and p.t is None
-    assert report.numbers(p) == '-0.5000 (one seed, no standard error)'
+    assert lab_claims.numbers(p) == '-0.5000 (one seed, no standard error)'
 
 
 def test_claims_print_the_numbers_they_decided_on():
-    report = pytest.importorskip('lab.report')
     def row(kind, val, n_expert=8, **domains):
         return {'kind': kind, 'run': {'n_expert': n_expert}, 'val': list(val), 'domains': domains}
     dense = np.array([1.60, 1.50, 1.55])  # the seeds far apart, the routers' gaps small and paired
@@ -432,7 +429,7 @@ def test_claims_print_the_numbers_they_decided_on():
             'topk': row('topk', dense - [0.004, -0.002, 0.003], drama=[1.01, 1.11, 1.21]),
             'dense': row('dense', dense, drama=[1.02, 1.09, 1.23]),
             'prototype': row('prototype', dense + [0.010, 0.011, 0.009], drama=[1.0, 1.1, 1.2])}
-    lines = report.claims(rows)
+    lines = lab_claims.claims(rows)
     text = '\n'.join(lines)
     assert lines[0] == '- ReMoE < top-k < dense in validation loss (ReMoE §4.2, Fig. 6), link by link:'
     assert lines[1].startswith('  - remoe < topk: **holds**: remoe 1.5390 vs topk 1.5483; remoe − topk = -0.0093 ± ')
@@ -444,7 +441,7 @@ def test_claims_print_the_numbers_they_decided_on():
     assert len(lines) == 7  # the claims whose runs are missing are left out
     # ReMoE Fig. 6b: the gain at each E, seed by seed
     rows.update({'topk-e16': row('topk', dense, 16), 'remoe-e16': row('remoe', dense - [0.030, 0.028, 0.033], 16)})
-    lines = report.claims(rows)
+    lines = lab_claims.claims(rows)
     at = lines.index("- ReMoE's gain over top-k grows with the number of experts (ReMoE Fig. 6b), E by E:")
     assert lines[at + 1].startswith('  - at E=8: remoe < topk: **holds**: gain (topk − remoe) +0.0093 ± ')
     assert lines[at + 2].startswith('  - at E=16: remoe < topk: **holds**: gain (topk − remoe) +0.0303 ± ')
@@ -455,15 +452,14 @@ def test_claims_print_the_numbers_they_decided_on():
 def test_trend_claims_pair_the_gain_seed_by_seed():
     """Granularity (ReMoE §4.3) and depth (RMoE Fig. 2): the gain at each value is decided on its
     own, and a gain that grows is decided on the per-seed change of the gain, not on the means."""
-    report = pytest.importorskip('lab.report')
     def row(kind, val, **run):
         return {'kind': kind, 'run': {'n_expert': 8, 'n_layer': 4, **run}, 'val': list(val), 'domains': {}}
     base = np.array([1.50, 1.58, 1.54])  # seeds far apart; the gains small and paired
     rows = {'topk': row('topk', base), 'remoe': row('remoe', base - [0.010, 0.012, 0.011]),  # no key: G = 1
             'topk-g4': row('topk', base - 0.02, expert_granularity=4),
             'remoe-g4': row('remoe', base - 0.02 + [0.001, -0.002, 0.002], expert_granularity=4)}
-    assert report.claims(rows) == report.trend(rows, *report.TRENDS[1])  # only the granularity claim applies
-    lines = report.trend(rows, *report.TRENDS[1])
+    assert lab_claims.claims(rows) == lab_claims.trend(rows, *lab_claims.TRENDS[1])  # only the granularity claim applies
+    lines = lab_claims.trend(rows, *lab_claims.TRENDS[1])
     assert lines[0] == '- ReMoE < top-k at every expert granularity (ReMoE §4.3, Fig. 6c), G by G:'
     assert lines[1].startswith('  - at G=1: remoe < topk: **holds**')
     assert lines[2].startswith('  - at G=4: remoe < topk: **not decided at this scale**')  # a sign flip
@@ -472,22 +468,21 @@ def test_trend_claims_pair_the_gain_seed_by_seed():
     rows = {'topk': row('topk', base), 'rmoe': row('topk-recurrent', base + [0.002, -0.001, 0.001]),
             'topk-8': row('topk', base - 0.05, n_layer=8),
             'rmoe-8': row('topk-recurrent', base - 0.05 + [-0.003, -0.007, -0.004], n_layer=8)}
-    lines = report.trend(rows, *report.TRENDS[2])
+    lines = lab_claims.trend(rows, *lab_claims.TRENDS[2])
     assert lines[1].startswith('  - at layers=4: topk-recurrent < topk: **not decided at this scale**')
     assert lines[2].startswith('  - at layers=8: topk-recurrent < topk: **holds**')
     assert lines[3].startswith('  - gain at layers=4 < gain at layers=8: **holds**: difference -0.0053 ± ')
-    assert report.trend({'topk': rows['topk'], 'rmoe': rows['rmoe']}, *report.TRENDS[2]) == []  # one depth
+    assert lab_claims.trend({'topk': rows['topk'], 'rmoe': rows['rmoe']}, *lab_claims.TRENDS[2]) == []  # one depth
 
 
 def test_report_claims_of_m6t():
     """M6-T's findings, looked up by kind and setting: k against k and against dense of its active size,
     capacity against capacity, no balancing against the aux loss, prototyping against top-k at its best."""
-    report = pytest.importorskip('lab.report')
     def row(kind, gap, k=2, cf=0.0, hidden=256):
         return {'kind': kind, 'run': {'top_k': k, 'capacity_factor': cf, 'ffn_hidden': hidden},
                 'val': list(np.array([1.50, 1.55, 1.60]) + gap), 'domains': {}}
     def heads(rows):
-        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in report.claims(rows)]
+        return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in lab_claims.claims(rows)]
     rows = {'topk-k1': row('topk', 0.03, k=1), 'topk': row('topk', 0.0), 'topk-k4': row('topk', -0.02, k=4),
             'dense-k1': row('dense', 0.04, hidden=256), 'dense': row('dense', 0.02, hidden=512),
             'dense-k4': row('dense', -0.03, hidden=1024),

@@ -2,7 +2,8 @@
 The router lab's internals, behind the entry point bakeoff.py:
 
     analysis   the numbers of a trained run, from its log.jsonl and ckpt.pt
-    report     a bake-off's results.md: tables, and the papers' claims checked against the numbers
+    report     a bake-off's results.md: its tables, and the claims below
+    claims     the papers' claims decided on the numbers: the verdict rule, trends, every claim a study can test
     plots      the figures (`python -m lab.plots out-remoe out-topk --out=plots` for any train.py runs)
 
 They read what train.py writes and never train anything themselves.

@@ -1,0 +1,286 @@
+"""
+The papers' claims, decided on a bake-off's numbers: the lab's one verdict rule (verdict: paired seed by
+seed, "holds" beyond two standard errors), the trends along one setting (TRENDS), and every claim of the
+seed papers and of the routers people train today that a bake-off's entries can test (claims),
+each entry found by its kind (lab.report.kind) and setting, never by its label.
+"""
+import collections
+import math
+
+import numpy as np
+
+
+def _one(rows, name, exact=False, **setting):
+    """The single label of a kind (with a setting, e.g. n_expert=32), or None if there is none or
+    several. Without a run of that kind, its unrenormalised twin (name + '-norenorm': an older
+    bake-off's top-k) stands in unless `exact`."""
+    def find(wanted):
+        return [k for k, r in rows.items() if r['kind'] == wanted
+                and all(r['run'].get(key, TREND_DEFAULTS.get(key)) == v for key, v in setting.items())]
+    found = find(name) or ([] if exact or name.endswith('-norenorm') else find(name + '-norenorm'))
+    return found[0] if len(found) == 1 else None
+
+
+# The papers' claims about a trend: how A's gain over B (B − A, seed by seed) moves along one setting.
+# (setting, its name in lines, A's kind, B's kind, claim, source, whether the gain should grow)
+TRENDS = (
+    ('n_expert', 'E', 'remoe', 'topk', "ReMoE's gain over top-k grows with the number of experts",
+     'ReMoE Fig. 6b', True),
+    ('expert_granularity', 'G', 'remoe', 'topk', 'ReMoE < top-k at every expert granularity',
+     'ReMoE §4.3, Fig. 6c', False),
+    ('n_layer', 'layers', 'topk-recurrent', 'topk', "RMoE's gain over top-k grows with depth",
+     'RMoE Fig. 2', True),
+    # ReMoE's own top-k baseline (dMoE) keeps the softmax probabilities as gates: at k = 1 a renormalised
+    # gate would always be 1. Its gain at k = 1 (Table 2) against k = 2 (the lab's default K)
+    ('top_k', 'k', 'remoe', 'topk-norenorm', "ReMoE < dMoE (top-k, unrenormalised) at each k, and whether the gain "
+     "grows with k (no paper claims a direction)", 'ReMoE Table 2 at k = 1', True),
+)
+TREND_DEFAULTS = {'expert_granularity': 1, 'capacity_factor': 0.0}  # logs made before a setting existed ran at its default
+
+
+def trend(rows, key, short, a, b, text, source, grows):
+    """Lines for one TRENDS claim: A's gain over B at each value of `key` that has exactly one run of
+    each, then (if the claim is that it grows) the gain at each value against the next. The entries
+    that differ only in `key` are compared: seed s of all of them saw the same batches, so each
+    seed has its own gain at each value, and the change of the gain is paired too. Needs two values."""
+    values = sorted({r['run'].get(key, TREND_DEFAULTS.get(key)) for r in rows.values()})
+    found = [(v, _one(rows, a, **{key: v}), _one(rows, b, **{key: v})) for v in values]
+    gains = {v: np.subtract(rows[lb]['val'], rows[la]['val']) for v, la, lb in found if la and lb}
+    if len(gains) < 2:
+        return []
+    lines = [f'- {text} ({source}), {short} by {short}:']
+    for v, g in gains.items():  # the gain B − A > 0 is "A < B"
+        p = verdict(g, '>')
+        lines.append(f'  - at {short}={v}: {a} < {b}: **{p.verdict}**: gain ({b} − {a}) {numbers(p)}')
+    if grows:
+        order = list(gains)
+        for v1, v2 in zip(order, order[1:]):
+            p = verdict(gains[v1] - gains[v2], '<')
+            lines.append(f'  - gain at {short}={v1} < gain at {short}={v2}: **{p.verdict}**: difference {numbers(p)}')
+    return lines
+
+
+def m6t_claims(rows, loss):
+    """M6-T's findings (arXiv 2105.15082) as claims, for top-k: more active experts help (each k against the
+    next, and against dense of the same active size, so that "helps" is more than the added compute);
+    capacity matters (dropless and each capacity factor against the next smaller one); load imbalance is
+    not a significant problem (the aux loss against none); prototyping against top-k, each at its better
+    renormalisation. Needs the study's entries: several k, several capacities, or both balance settings."""
+    out = []
+    def pair(text, source, a, b):
+        if a and b:
+            out.extend(loss(a, b, name=f'{text} ({source})'))
+    def topk(**setting):
+        return _one(rows, 'topk', exact=True, **{'capacity_factor': 0.0, **setting})
+    ks = sorted({r['run'].get('top_k') for r in rows.values() if r['kind'] == 'topk'})
+    by_k = [(k, topk(top_k=k)) for k in ks if topk(top_k=k)]
+    if len(by_k) > 1:
+        out.append('- more active experts help top-k (M6-T abstract), k by k:')
+        for (k1, a), (k2, b) in zip(by_k, by_k[1:]):
+            out.extend(loss(b, a, indent='  '))
+        # each k's top-k against dense of its active size (ffn_hidden = k x an expert's hidden)
+        dense = [(k, label, _one(rows, 'dense', ffn_hidden=k * rows[label]['run']['ffn_hidden'])) for k, label in by_k]
+        dense = [(k, a, d) for k, a, d in dense if d]
+        if dense:
+            out.append('- ... beyond their compute: top-k < dense of the same active size, at each k (what "helps" means '
+                       'here; M6-T abstract), k by k:')
+            for k, a, d in dense:
+                out.extend(loss(a, d, indent='  '))
+    k = 2  # configs/topk.py's: the capacity, balance and prototyping entries of the study run at it
+    cfs = sorted({r['run'].get('capacity_factor', 0.0) for r in rows.values() if r['kind'] == 'topk'} - {0.0})
+    by_cf = [(c, _one(rows, 'topk', exact=True, top_k=k, capacity_factor=c)) for c in cfs]
+    by_cf = [(c, label) for c, label in by_cf if label]
+    dropless = topk(top_k=k)
+    if by_cf and dropless:
+        out.append('- capacity matters: a larger capacity, a lower loss (M6-T abstract), capacity by capacity:')
+        chain = [dropless] + [label for _, label in reversed(by_cf)]  # dropless, then the largest capacity first
+        for a, b in zip(chain, chain[1:]):
+            out.extend(loss(a, b, indent='  '))
+    pair('the aux loss < no balancing, which M6-T finds no significant problem for quality (not decided is '
+         'consistent)',
+         'M6-T abstract', topk(top_k=k), _one(rows, 'topk-noaux', exact=True, top_k=k))
+    # prototyping against top-k, each at its better renormalisation (by mean val over the seeds)
+    def best(name):
+        found = [label for label in (_one(rows, variant, exact=True, top_k=k, capacity_factor=0.0)
+                                     for variant in (name, name + '-norenorm')) if label]
+        return min(found, key=lambda label: np.mean(rows[label]['val'])) if len(found) == 2 else None
+    proto, top = best('prototype'), best('topk')
+    pair('expert prototyping < top-k, each at its better renormalisation', 'M6-T abstract', proto, top)
+    return out
+
+
+HOLDS, REVERSED, UNDECIDED, ONE_SEED = 'holds', 'reversed', 'not decided at this scale', 'one seed: not decided'
+Paired = collections.namedtuple('Paired', 'verdict mean se t agree n diffs')
+
+
+def verdict(diffs, claimed='<'):
+    """The lab's one rule for a claim "A < B" (claimed='<'; '>' for "A > B"), decided on the
+    per-seed differences A − B. Seed s of every entry trains on the same batches and is scored on
+    the same validation tokens, so what the seeds share cancels in A − B; what is left is the
+    noise of the difference itself, however far apart the seeds' own losses are.
+    mean: the mean difference; se: its standard error, std(differences, n − 1) / √n; t = mean / se.
+      'holds': the mean is more than 2 se from 0 in the claimed direction;
+      'reversed': more than 2 se from 0 the other way;
+      'not decided at this scale': otherwise (a NaN difference included);
+      'one seed: not decided': a single seed has no standard error (se and t are None).
+    Returns Paired(verdict, mean, se, t, agree, n, diffs), agree: the seeds whose difference has the
+    claimed sign."""
+    d = np.asarray(diffs, float)
+    sign = -1.0 if claimed == '<' else 1.0
+    n, mean, agree = len(d), float(d.mean()), int(np.sum(sign * d > 0))
+    if n < 2:
+        return Paired(ONE_SEED, mean, None, None, agree, n, d.tolist())
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    toward = sign * mean  # > 0: in the claimed direction
+    decided = HOLDS if toward > 2 * se else REVERSED if -toward > 2 * se else UNDECIDED
+    t = mean / se if se > 0 else float('nan') if mean == 0 else math.copysign(math.inf, mean)
+    return Paired(decided, mean, se, t, agree, n, d.tolist())
+
+
+def numbers(p, digits=4):
+    """The numbers a verdict was decided on, in words: mean ± SE, t, agreement, the differences."""
+    seeds = ', '.join(f'{x:+.{digits}f}' for x in p.diffs)
+    if p.se is None:
+        return f'{p.mean:+.{digits}f} (one seed, no standard error)'
+    return (f'{p.mean:+.{digits}f} ± {p.se:.{digits}f} SE, t = {p.t:+.1f}, {p.agree} of {p.n} seeds agree; '
+            f'per seed {seeds}')
+
+
+def claims(rows):
+    """Each paper claim this bake-off can test, as lines saying whether it holds, with the numbers
+    the verdict rule (verdict()) decided on. A claim whose runs are not all in the bake-off (or
+    whose kind is there twice) is left out."""
+    out = []
+
+    def paired(a, b, key, claimed='<', digits=4, indent='', name=None, domain=None):
+        # one line: "A < B" (or >) on rows[a][key] − rows[b][key], seed by seed
+        va, vb = ((rows[k]['domains'][domain] if domain else rows[k][key]) for k in (a, b))
+        p = verdict(np.subtract(va, vb), claimed)
+        what = name or f'{a} {claimed} {b}'
+        return (f"{indent}- {what}: **{p.verdict}**: {a} {np.mean(va):.{digits}f} vs {b} {np.mean(vb):.{digits}f}; "
+                f"{a} − {b} = {numbers(p, digits)}")
+
+    def loss(a, b, indent='', name=None):
+        # a validation-loss claim, and the same claim on each domain's held-out documents
+        lines = [paired(a, b, 'val', indent=indent, name=name)]
+        lines += [paired(a, b, None, digits=3, indent=indent + '  ', name=f'on {d}', domain=d)
+                  for d in rows[a]['domains']]
+        return lines
+
+    def claim(text, source, labels):
+        # the claim is that the val losses of labels rise in this order: decided link by link; a chain's
+        # missing entries are skipped (a study without dense still decides ReMoE < top-k)
+        chain, labels = len(labels) > 2, [label for label in labels if label]
+        if len(labels) < 2:
+            return
+        if not chain:
+            out.extend(loss(*labels, name=f'{text} ({source})'))
+            return
+        out.append(f'- {text} ({source}), link by link:')
+        for a, b in zip(labels, labels[1:]):
+            out.extend(loss(a, b, indent='  '))
+
+    claim('ReMoE < top-k < dense in validation loss', 'ReMoE §4.2, Fig. 6',
+          [_one(rows, 'remoe'), _one(rows, 'topk'), _one(rows, 'dense')])
+    claim('RMoE < top-k', 'RMoE Table 1', [_one(rows, 'topk-recurrent'), _one(rows, 'topk')])
+    claim('expert prototyping < top-k at equal compute', 'M6-T abstract', [_one(rows, 'prototype'), _one(rows, 'topk')])
+    claim('recurrent ReMoE < ReMoE (the GRU helps ReLU routing too; no paper tests it)', 'this repo',
+          [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
+    for args in TRENDS:
+        out.extend(trend(rows, *args))
+
+    def each(text, source, pairs):
+        # one claim over several pairs (A < B each), decided pair by pair; pairs with a missing entry skipped
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if pairs:
+            out.append(f'- {text} ({source}), pair by pair:')
+            for a, b in pairs:
+                out.extend(loss(a, b, indent='  '))
+
+    # ReMoE Table 2 (E = 8, k = 1): ReMoE lowest of all; Hash, whose routing is not learned, behind every
+    # learned router; dMoE (top-k, unrenormalised: a renormalised top-1 gate is always 1) ahead of the
+    # other routers of that table; Lory ahead of Hash (the paper shows it in training loss)
+    hashed = _one(rows, 'hash')
+    if hashed:  # the Table 2 study (its runs at k = 1; a study may add ReMoE and top-k at k = 2: TRENDS)
+        table2 = {k: _one(rows, k, top_k=1) for k in ('lory', 'sparsemixer', 'expert_choice', 'topk')}
+        remoe, dmoe, dense = _one(rows, 'remoe', top_k=1), table2['topk'], _one(rows, 'dense')
+        each('ReMoE < every other router at k = 1', 'ReMoE Table 2', [(remoe, b) for b in [dense, hashed, *table2.values()]])
+        each('every learned router < Hash', 'ReMoE Table 2', [(a, hashed) for a in [remoe, *table2.values()]])
+        each('dMoE < the other routers of the table but ReMoE', 'ReMoE Table 2',
+             [(dmoe, table2[k]) for k in ('lory', 'sparsemixer', 'expert_choice')] + [(dmoe, hashed)])
+        ec = table2['expert_choice']
+        if ec and 'teacher_forced' in rows[ec].get('variants', {}):
+            # EC's training rule sees later tokens of the sequence: scored with it, the same weights look better
+            causal, forced = rows[ec]['val'], rows[ec]['variants']['teacher_forced']
+            p = verdict(np.subtract(forced, causal), '<')
+            out.append(f"- Expert Choice scored with its training rule (teacher-forced, each expert picking from the whole "
+                       f"sequence, later tokens included) < scored causally (token choice over the same scores, the "
+                       f"score in the tables) (ReMoE Table 2 ran EC; this repo): **{p.verdict}**: {np.mean(forced):.4f} "
+                       f"vs {np.mean(causal):.4f}; teacher-forced − causal = {numbers(p, 4)}")
+    # RMoE Table 1 (top-2 of 16 there): RMoE ahead of every router it lists; Table 4: a bigger router
+    # (SMoE-MLP) does not help; Table 2: the GRU helps XMoE's router too
+    rmoe = _one(rows, 'topk-recurrent')
+    table1 = {k: _one(rows, k) for k in ('hyperrouter', 'mlp', 'random', 'cosine', 'xmoe')}
+    if rmoe and any(table1.values()):  # the Table 1 study
+        # (RMoE < top-k, and its MI against top-k's, are claims of every bake-off: above and below)
+        each('RMoE < every other router of Table 1', 'RMoE Table 1', [(rmoe, b) for b in table1.values()])
+        claim('a linear router < the MLP router of about its size, i.e. the MLP is no better (not decided is '
+              'consistent)', 'RMoE Table 4', [_one(rows, 'topk'), table1['mlp']])
+        claim('XMoE with the GRU < XMoE', 'RMoE Table 2', [_one(rows, 'xmoe-recurrent'), table1['xmoe']])
+        for b in [*table1.values(), _one(rows, 'xmoe-recurrent')]:
+            if b:
+                out.append(paired(rmoe, b, 'cross_mi', '>', 3, name=f"RMoE's cross-layer MI > {b}'s (RMoE Fig. 3), "
+                                  "bits between consecutive layers' expert choices"))
+    out.extend(m6t_claims(rows, loss))
+    # RMoE Table 5: passing the state beats not passing it (NP) and passing it detached; detached is
+    # worse than no recurrence at all
+    rmoe = _one(rows, 'topk-recurrent')
+    for variant, what in (('np', 'not passed (NP)'), ('detach', 'passed but detached')):
+        claim(f'RMoE < its state {what}', 'RMoE Table 5', [rmoe, _one(rows, f'topk-recurrent-{variant}')])
+    claim('top-k < RMoE with the state detached', 'RMoE Table 5', [_one(rows, 'topk'), _one(rows, 'topk-recurrent-detach')])
+    claim('renormalised top-k gates < unrenormalised', 'RMoE and CompeteSMoE code; this repo',
+          [_one(rows, 'topk', exact=True), _one(rows, 'topk-norenorm')])
+    # the routers people train today (issue: is ReMoE's gain its gradient?)
+    deepseek = _one(rows, 'topk-sigmoid-bias-seqaux')
+    claim("DeepSeek-V3's router < top-k", 'DeepSeek-V3 §2.1.2', [deepseek, _one(rows, 'topk')])
+    claim("ReMoE < DeepSeek-V3's router", "ReMoE's thesis against today's default", [_one(rows, 'remoe'), deepseek])
+    for suffix, what in (('', ''), ('-fwd', ' (its defaults in the output too)')):
+        dense = _one(rows, 'topk-densegrad' + suffix)
+        claim(f'top-k with a dense router gradient{what} < top-k', 'Default MoE §4', [dense, _one(rows, 'topk')])
+        claim(f'ReMoE < top-k with a dense router gradient{what}', "ReMoE's thesis, more than the gradient",
+              [_one(rows, 'remoe'), dense])
+    claim("Default MoE's defaults in the router's gradient only < in the output too", 'this repo',
+          [_one(rows, 'topk-densegrad'), _one(rows, 'topk-densegrad-fwd')])
+    claim('loss-free bias balancing < the Switch aux loss in validation loss', 'arXiv 2408.15664',
+          [_one(rows, 'topk-bias'), _one(rows, 'topk')])
+    biased, aux = _one(rows, 'topk-bias'), _one(rows, 'topk')
+    if biased and aux:  # the paper's MaxVio is the largest overload; the load CV is its spread
+        for key, what in (('mean_load_cv', 'CV of the load averaged over the last 100 steps'),
+                          ('step_load_cv', "CV of each step's load, averaged over the last 100 steps")):
+            if None not in rows[biased][key] + rows[aux][key]:
+                out.append(paired(biased, aux, key, digits=3, name='loss-free bias balancing balances the load '
+                                  f'better than the aux loss (arXiv 2408.15664), {what}, mean over layers'))
+    remoe = _one(rows, 'remoe')
+    if remoe and 'rho' in rows[remoe]:
+        p = verdict(rows[remoe]['rho'], '<')  # the difference from 0: no correlation
+        out.append(f"- rare tokens get more experts under ReMoE (ReMoE Fig. 7): **{p.verdict}**: Spearman ρ "
+                   f"between a token's training frequency and its experts per layer (< 0: rare tokens get more) "
+                   f"= {numbers(p, 2)}")
+    topk = _one(rows, 'topk')
+    if remoe and topk and 'domain_mi' in rows[remoe]:
+        out.append(paired(remoe, topk, 'domain_mi', '>', 3, name="ReMoE's experts specialise by domain more than "
+                          "top-k's (ReMoE Fig. 9), I(domain; expert) in bits, mean over layers (0 = none)"))
+    rmoe = _one(rows, 'topk-recurrent')
+    if rmoe and topk:
+        out.append(paired(rmoe, topk, 'cross_mi', '>', 3, name="RMoE's routing carries more information from "
+                          "layer to layer (RMoE Fig. 3), mutual information between consecutive layers' expert "
+                          "choices in bits"))
+    return out
+
+
+RULE = ('Each claim "A < B" is decided seed by seed (seed s of every entry trained on the same batches and '
+        'is scored on the same validation tokens): on the differences A − B, their mean ± standard error '
+        '(std over seeds, n − 1, / √n) and t = mean / SE. **holds**: t beyond 2 in the claimed direction; '
+        '**reversed**: beyond 2 the other way; otherwise **not decided at this scale**; with one seed, '
+        '**one seed: not decided**. With 3 seeds the rule is lenient: were there no difference at all, '
+        'about 1 claim in 11 would still "hold" (t with 2 degrees of freedom).')
