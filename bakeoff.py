@@ -5,7 +5,7 @@ then write a results table and plots of what each router does.
     python bakeoff.py                  # every router, 3 seeds, multidomain bytes -> results/default/
     python bakeoff.py --quick          # every router, 1 seed, 600 steps          -> results/quick/
     python bakeoff.py --runs=topk,remoe --set=n_expert=16 --name=e16
-    python bakeoff.py --jobs=1                 # one run at a time (default: 2 on a CPU of 2+ cores, 1 with a GPU)
+    python bakeoff.py --jobs=1                 # one run at a time (default: 2 on a CPU of 2+ cores, one a GPU)
     python bakeoff.py --runs="base:remoe,slow:remoe+remoe_alpha=1.1" --dataset=shakespeare_char --name=alpha
     python bakeoff.py --print > jobs.txt      # one train.py command per run, for a scheduler (SLURM...)
 
