@@ -68,6 +68,19 @@ def test_report_claims_of_the_seeds_tables():
                                     '  - sparsemixer < hash: holds', '  - expert_choice < hash: holds',
                                     '  - topk < hash: holds']
     assert '  - topk < expert_choice: holds' in lines  # dMoE ahead of the others
+    # SparseMixer-v2 at two mask widths: the table takes the better one, and the widths are a claim of their own;
+    # Lory against Hash in training loss
+    table2['sparsemixer']['run']['sparsemixer_eps'] = 0.01
+    table2['sparsemixer-wide'] = row('sparsemixer', -0.01)
+    table2['sparsemixer-wide']['run']['sparsemixer_eps'] = 0.1
+    table2['lory']['train'], table2['hash']['train'] = [1.40, 1.41, 1.39], [1.45, 1.47, 1.44]
+    lines = heads(table2)
+    at = lines.index('- SparseMixer-v2 with a wider mask (a larger sparsemixer_eps: more experts sampled, a router '
+                     'gradient from the loss on more tokens) < a narrower one (this repo), eps by eps:')
+    assert lines[at + 1] == '  - sparsemixer-wide < sparsemixer: holds'
+    assert '  - remoe < sparsemixer-wide: reversed' in lines and '  - remoe < sparsemixer: holds' not in lines
+    assert '- Lory < Hash in training loss (ReMoE §4.2, Table 2), the LM loss averaged over the last 100 steps ' \
+           '(seed s of both saw the same batches): holds' in lines
     # the k trend pairs each k's entries (two top-k kinds alike: told apart by top_k)
     at = lines.index('- ReMoE < dMoE (top-k, unrenormalised) at each k, and whether the gain grows with k (no paper '
                      'claims a direction) (ReMoE Table 2 at k = 1), k by k:')
@@ -162,6 +175,43 @@ def test_trend_claims_pair_the_gain_seed_by_seed():
     assert lines[2].startswith('  - at layers=8: topk-recurrent < topk: **holds**')
     assert lines[3].startswith('  - gain at layers=4 < gain at layers=8: **holds**: difference -0.0053 ± ')
     assert lab_claims.trend({'topk': rows['topk'], 'rmoe': rows['rmoe']}, *lab_claims.TRENDS[2]) == []  # one depth
+
+
+def test_depth_recipe_claims_decide_each_routers_rate_then_the_trend():
+    """RMoE's recipe at depth: RMoE and top-k at two router learning rates and two depths. Each router's
+    rate is decided depth by depth, then the depth trend at each rate and with each at its better rate."""
+    base = np.array([1.50, 1.58, 1.54])
+    def row(kind, n_layer, rate, gap):
+        return {'kind': kind, 'run': {'n_expert': 8, 'n_layer': n_layer, 'router_lr_scale': rate},
+                'val': list(base + gap), 'domains': {}}
+    rows = {'topk': row('topk', 4, 0.25, 0.0), 'topk-lr1': row('topk', 4, 1.0, [0.004, 0.006, 0.005]),
+            'rmoe': row('topk-recurrent', 4, 0.25, [0.002, 0.0, 0.001]),
+            'rmoe-lr1': row('topk-recurrent', 4, 1.0, [-0.001, 0.001, 0.0]),
+            'topk-l8': row('topk', 8, 0.25, -0.05), 'topk-l8-lr1': row('topk', 8, 1.0, [-0.048, -0.047, -0.049]),
+            'rmoe-l8': row('topk-recurrent', 8, 0.25, [-0.04, -0.041, -0.039]),
+            'rmoe-l8-lr1': row('topk-recurrent', 8, 1.0, [-0.06, -0.062, -0.061])}
+    lines = [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line
+             for line in lab_claims.depth_recipe_claims(rows, lambda a, b, indent='': [
+                 f"{indent}- {a} < {b}: **{lab_claims.verdict(np.subtract(rows[a]['val'], rows[b]['val'])).verdict}**"])]
+    assert lines[:3] == ["- RMoE's routers at ×1 the learning rate < at ×0.25 (the rate configs/rmoe.py takes; RMoE's "
+                         "recipe at depth), depth by depth:",
+                         '  - rmoe-lr1 < rmoe: not decided at this scale', '  - rmoe-l8-lr1 < rmoe-l8: holds']
+    assert lines[3:6] == ["- top-k's routers at ×0.25 the learning rate < at ×1 (configs/topk.py keeps ×0.25 unless this "
+                          "is reversed; RMoE's recipe at depth), depth by depth:",
+                          '  - topk < topk-lr1: holds', '  - topk-l8 < topk-l8-lr1: holds']
+    heads = [line for line in lines if line.startswith("- RMoE's gain over top-k grows with depth")]
+    assert heads == [  # at ×0.25, at ×1, and each at its better rate (RMoE ×1, top-k ×0.25)
+        "- RMoE's gain over top-k grows with depth (topk-recurrent at router_lr_scale=0.25, topk at "
+        "router_lr_scale=0.25) (RMoE Fig. 2), layers by layers:",
+        "- RMoE's gain over top-k grows with depth (topk-recurrent at router_lr_scale=1, topk at router_lr_scale=1) "
+        "(RMoE Fig. 2), layers by layers:",
+        "- RMoE's gain over top-k grows with depth (topk-recurrent at router_lr_scale=1, topk at "
+        "router_lr_scale=0.25) (RMoE Fig. 2), layers by layers:"]
+    assert lines[-3:] == ['  - at layers=4: not decided at this scale', '  - at layers=8: holds',
+                          '  - gain at layers=4 < gain at layers=8: holds']
+    # the generic claims, which need one entry of a kind (RMoE < top-k, the depth trend), stand aside
+    assert lab_claims.claims(rows)[0] == lab_claims.depth_recipe_claims(rows, lambda *a, **k: [])[0]
+    assert lab_claims.depth_recipe_claims({k: rows[k] for k in ('topk', 'rmoe')}, None) == []  # one rate
 
 
 def test_report_claims_of_m6t():

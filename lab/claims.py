@@ -21,6 +21,14 @@ def _one(rows, name, exact=False, **setting):
     return found[0] if len(found) == 1 else None
 
 
+def _best(rows, name, **setting):
+    """The label of a kind (exactly, with a setting) whose mean val loss over the seeds is the lowest: a
+    baseline entered at several of its own settings (SparseMixer-v2's eps) is compared at its best."""
+    found = [k for k, r in rows.items() if r['kind'] == name
+             and all(r['run'].get(key, TREND_DEFAULTS.get(key)) == v for key, v in setting.items())]
+    return min(found, key=lambda k: np.mean(rows[k]['val'])) if found else None
+
+
 # The papers' claims about a trend: how A's gain over B (B − A, seed by seed) moves along one setting.
 # (setting, its name in lines, A's kind, B's kind, claim, source, whether the gain should grow)
 TRENDS = (
@@ -35,20 +43,25 @@ TRENDS = (
     ('top_k', 'k', 'remoe', 'topk-norenorm', "ReMoE < dMoE (top-k, unrenormalised) at each k, and whether the gain "
      "grows with k (no paper claims a direction)", 'ReMoE Table 2 at k = 1', True),
 )
-TREND_DEFAULTS = {'expert_granularity': 1, 'capacity_factor': 0.0}  # logs made before a setting existed ran at its default
+TREND_DEFAULTS = {'expert_granularity': 1, 'capacity_factor': 0.0, 'router_lr_scale': 1.0}  # logs made before a setting existed ran at its default
 
 
-def trend(rows, key, short, a, b, text, source, grows):
+def trend(rows, key, short, a, b, text, source, grows, fixed_a=None, fixed_b=None):
     """Lines for one TRENDS claim: A's gain over B at each value of `key` that has exactly one run of
     each, then (if the claim is that it grows) the gain at each value against the next. The entries
     that differ only in `key` are compared: seed s of all of them saw the same batches, so each
-    seed has its own gain at each value, and the change of the gain is paired too. Needs two values."""
+    seed has its own gain at each value, and the change of the gain is paired too. Needs two values.
+    fixed_a, fixed_b: settings that pick A's and B's entries where a study has several of a kind
+    (the depth study's router learning rates); they are named in the claim."""
+    fixed_a, fixed_b = fixed_a or {}, fixed_b or {}
     values = sorted({r['run'].get(key, TREND_DEFAULTS.get(key)) for r in rows.values()})
-    found = [(v, _one(rows, a, **{key: v}), _one(rows, b, **{key: v})) for v in values]
+    found = [(v, _one(rows, a, **fixed_a, **{key: v}), _one(rows, b, **fixed_b, **{key: v})) for v in values]
     gains = {v: np.subtract(rows[lb]['val'], rows[la]['val']) for v, la, lb in found if la and lb}
     if len(gains) < 2:
         return []
-    lines = [f'- {text} ({source}), {short} by {short}:']
+    at = ', '.join(f"{who} at {', '.join(f'{k}={v:g}' for k, v in fixed.items())}"
+                   for who, fixed in ((a, fixed_a), (b, fixed_b)) if fixed)
+    lines = [f'- {text}{f" ({at})" if at else ""} ({source}), {short} by {short}:']
     for v, g in gains.items():  # the gain B − A > 0 is "A < B"
         p = verdict(g, '>')
         lines.append(f'  - at {short}={v}: {a} < {b}: **{p.verdict}**: gain ({b} − {a}) {numbers(p)}')
@@ -58,6 +71,45 @@ def trend(rows, key, short, a, b, text, source, grows):
             p = verdict(gains[v1] - gains[v2], '<')
             lines.append(f'  - gain at {short}={v1} < gain at {short}={v2}: **{p.verdict}**: difference {numbers(p)}')
     return lines
+
+
+def depth_recipe_claims(rows, loss):
+    """RMoE's recipe at depth: its routers and top-k's at two learning rates (router_lr_scale) at each
+    depth; RMoE's rate is the one configs/rmoe.py should take, top-k keeps the lower one unless the higher
+    one beats it. Then RMoE's gain over top-k along depth (RMoE Fig. 2) at each rate, and with each router
+    at its better rate (the lower mean val over the seeds and depths) where that pairs two rates. Needs
+    RMoE or top-k entries at exactly two rates."""
+    rate = lambda r: r['run'].get('router_lr_scale', TREND_DEFAULTS['router_lr_scale'])
+    kinds = ('topk-recurrent', 'topk')
+    rates = sorted({rate(r) for r in rows.values() if r['kind'] in kinds})
+    if len(rates) != 2:
+        return []
+    low, high = rates
+    depths = sorted({r['run'].get('n_layer') for r in rows.values() if r['kind'] in kinds})
+    out = []
+    for kind, who, a, b, why in (('topk-recurrent', 'RMoE', high, low, 'the rate configs/rmoe.py takes'),
+                                 ('topk', 'top-k', low, high, f'configs/topk.py keeps ×{low:g} unless this is reversed')):
+        pairs = [(_one(rows, kind, exact=True, n_layer=n, router_lr_scale=a),
+                  _one(rows, kind, exact=True, n_layer=n, router_lr_scale=b)) for n in depths]
+        pairs = [(x, y) for x, y in pairs if x and y]
+        if pairs:
+            out.append(f"- {who}'s routers at ×{a:g} the learning rate < at ×{b:g} ({why}; RMoE's recipe at depth), "
+                       'depth by depth:')
+            for x, y in pairs:
+                out.extend(loss(x, y, indent='  '))
+    def better(kind):  # the rate with the lower mean val over the seeds and the depths it ran at both
+        means = {r: [np.mean(rows[label]['val']) for label in
+                     (_one(rows, kind, exact=True, n_layer=n, router_lr_scale=r) for n in depths) if label]
+                 for r in rates}
+        return min(rates, key=lambda r: np.mean(means[r])) if all(means.values()) else None
+    depth = next(t for t in TRENDS if t[0] == 'n_layer')
+    pairings = [(low, low), (high, high)]
+    best = (better('topk-recurrent'), better('topk'))
+    if None not in best and best not in pairings:
+        pairings.append(best)
+    for ra, rb in pairings:
+        out.extend(trend(rows, *depth, fixed_a={'router_lr_scale': ra}, fixed_b={'router_lr_scale': rb}))
+    return out
 
 
 def m6t_claims(rows, loss):
@@ -188,6 +240,7 @@ def claims(rows):
           [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
     for args in TRENDS:
         out.extend(trend(rows, *args))
+    out.extend(depth_recipe_claims(rows, loss))
 
     def each(text, source, pairs):
         # one claim over several pairs (A < B each), decided pair by pair; pairs with a missing entry skipped
@@ -203,11 +256,24 @@ def claims(rows):
     hashed = _one(rows, 'hash')
     if hashed:  # the Table 2 study (its runs at k = 1; a study may add ReMoE and top-k at k = 2: TRENDS)
         table2 = {k: _one(rows, k, top_k=1) for k in ('lory', 'sparsemixer', 'expert_choice', 'topk')}
+        # SparseMixer-v2 at its better mask width, where the study tries several (its eps is not in ReMoE)
+        mixers = sorted((k for k, r in rows.items() if r['kind'] == 'sparsemixer' and r['run'].get('top_k') == 1),
+                        key=lambda k: rows[k]['run'].get('sparsemixer_eps', 0.01))
+        table2['sparsemixer'] = _best(rows, 'sparsemixer', top_k=1)
+        if len(mixers) > 1:
+            out.append('- SparseMixer-v2 with a wider mask (a larger sparsemixer_eps: more experts sampled, a '
+                       'router gradient from the loss on more tokens) < a narrower one (this repo), eps by eps:')
+            for a, b in zip(mixers[1:], mixers):
+                out.extend(loss(a, b, indent='  '))
         remoe, dmoe, dense = _one(rows, 'remoe', top_k=1), table2['topk'], _one(rows, 'dense')
         each('ReMoE < every other router at k = 1', 'ReMoE Table 2', [(remoe, b) for b in [dense, hashed, *table2.values()]])
         each('every learned router < Hash', 'ReMoE Table 2', [(a, hashed) for a in [remoe, *table2.values()]])
         each('dMoE < the other routers of the table but ReMoE', 'ReMoE Table 2',
              [(dmoe, table2[k]) for k in ('lory', 'sparsemixer', 'expert_choice')] + [(dmoe, hashed)])
+        lory = table2['lory']
+        if lory and None not in rows[lory].get('train', [None]) + rows[hashed].get('train', [None]):
+            out.append(paired(lory, hashed, 'train', name='Lory < Hash in training loss (ReMoE §4.2, Table 2), '
+                              'the LM loss averaged over the last 100 steps (seed s of both saw the same batches)'))
         ec = table2['expert_choice']
         if ec and 'teacher_forced' in rows[ec].get('variants', {}):
             # EC's training rule sees later tokens of the sequence: scored with it, the same weights look better

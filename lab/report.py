@@ -76,6 +76,9 @@ def summarize(folder, runs, seeds):
             'val': [f['val_loss'] for f in finals],
             'val_tokens': [f['val_tokens'] for f in finals],
             'domains': {d: [f['val_loss_per_domain'][d] for f in finals] for d in logs[0].run.get('domains', [])},
+            # the language-model loss of the last 100 training steps (no aux loss): seed s of every entry
+            # trained on the same batches, so it pairs like the val loss (ReMoE compares Lory with Hash on it)
+            'train': [analysis.recent_mean(log, 'lm_loss') for log in logs],
             'tokens_per_sec': [analysis.tokens_per_sec(log) for log in logs],
             'seconds': [json.loads((d / 'run.json').read_text())['seconds'] for d in dirs],
             # the first seed's [L, E]: an expert's index means nothing across seeds, so a mean over
