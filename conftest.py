@@ -21,6 +21,14 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
+# The suite runs one pytest-xdist worker a core (README: `-n auto`). Each worker, and every train.py,
+# sample.py or bakeoff.py it starts (they inherit OMP_NUM_THREADS), takes its share of the cores:
+# PyTorch's default of a thread a core in every worker would oversubscribe them, and its threads spin.
+_workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _workers > 1:
+    os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // _workers)))
+    torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+
 settings.register_profile('repo', max_examples=30, deadline=None)
 settings.load_profile('repo')
 
