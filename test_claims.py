@@ -48,8 +48,9 @@ def test_report_claims_find_the_studies_entries():
 
 def test_report_claims_of_the_seeds_tables():
     """ReMoE Table 2 (k = 1, with ReMoE and dMoE at k = 2 too) and RMoE Table 1, looked up by kind."""
-    def row(kind, gap, k=1):
-        return {'kind': kind, 'run': {'n_expert': 8, 'top_k': k}, 'val': list(np.array([1.50, 1.55, 1.60]) + gap),
+    def row(kind, gap, k=1):  # the same active compute at each k: experts of hidden 512 at k = 1, 256 at k = 2
+        return {'kind': kind, 'run': {'n_expert': 8, 'top_k': k, 'ffn_hidden': 512 // k},
+                'val': list(np.array([1.50, 1.55, 1.60]) + gap),
                 'domains': {}, 'cross_mi': list(np.array([0.5, 0.6, 0.7]) + gap)}
     def heads(rows):
         return [line.split(':')[0] + ': ' + line.split('**')[1] if '**' in line else line for line in lab_claims.claims(rows)]
@@ -59,6 +60,7 @@ def test_report_claims_of_the_seeds_tables():
               'topk-k2': row('topk-norenorm', -0.02, k=2), 'remoe-k2': row('remoe', -0.04, k=2)}
     table2['expert_choice']['variants'] = {'teacher_forced': list(np.array(table2['expert_choice']['val']) - 0.05)}
     lines = heads(table2)
+    assert not any(line.startswith('- more active experts help') for line in lines)  # M6-T's k: one expert size
     assert lines[-1] == '- Expert Choice scored with its training rule (teacher-forced, each expert picking from the ' \
                         'whole sequence, later tokens included) < scored causally (token choice over the same ' \
                         'scores, the score in the tables) (ReMoE Table 2 ran EC; this repo): holds'
@@ -241,3 +243,9 @@ def test_report_claims_of_m6t():
     assert '- the aux loss < no balancing, which M6-T finds no significant problem for quality (not decided is ' \
            'consistent) (M6-T abstract): not decided at this scale' in lines
     assert '- expert prototyping < top-k, each at its better renormalisation (M6-T abstract): reversed' in lines
+    # k = 1 runs unrenormalised (a renormalised top-1 gate is always 1): each k is taken at its better setting
+    rows['topk-k1'] = row('topk-norenorm', 0.03, k=1)
+    assert heads(rows)[heads(rows).index('- more active experts help top-k (M6-T abstract), k by k:') + 1] == \
+        '  - topk < topk-k1: holds'
+    rows['topk-k1-renorm'] = row('topk', 0.05, k=1)  # both at k = 1: the better one stands for k = 1
+    assert '  - topk < topk-k1: holds' in heads(rows) and '  - topk < topk-k1-renorm: holds' not in heads(rows)

@@ -114,7 +114,8 @@ def depth_recipe_claims(rows, loss):
 
 def m6t_claims(rows, loss):
     """M6-T's findings (arXiv 2105.15082) as claims, for top-k: more active experts help (each k against the
-    next, and against dense of the same active size, so that "helps" is more than the added compute);
+    next, each k at its better renormalisation, and against dense of the same active size, so that "helps" is
+    more than the added compute);
     capacity matters (dropless and each capacity factor against the next smaller one); load imbalance is
     not a significant problem (the aux loss against none); prototyping against top-k, each at its better
     renormalisation. Needs the study's entries: several k, several capacities, or both balance settings."""
@@ -124,14 +125,23 @@ def m6t_claims(rows, loss):
             out.extend(loss(a, b, name=f'{text} ({source})'))
     def topk(**setting):
         return _one(rows, 'topk', exact=True, **{'capacity_factor': 0.0, **setting})
-    ks = sorted({r['run'].get('top_k') for r in rows.values() if r['kind'] == 'topk'})
-    by_k = [(k, topk(top_k=k)) for k in ks if topk(top_k=k)]
+    def topk_best(**setting):  # dropless top-k at its better renormalisation where both ran: at k = 1 a
+        # renormalised gate is always 1 and the router learns nothing from the loss, so k = 1 runs unrenormalised
+        found = [label for label in (_one(rows, variant, exact=True, **{'capacity_factor': 0.0, **setting})
+                                     for variant in ('topk', 'topk-norenorm')) if label]
+        return min(found, key=lambda label: np.mean(rows[label]['val'])) if found else None
+    # M6-T's k: more experts of one size (more compute), so the experts' size of the k = 2 run (configs/topk.py's)
+    base = topk_best(top_k=2)
+    hidden = {} if base is None else {'ffn_hidden': rows[base]['run'].get('ffn_hidden')}
+    ks = sorted({r['run'].get('top_k') for r in rows.values() if r['kind'] in ('topk', 'topk-norenorm')})
+    by_k = [(k, topk_best(top_k=k, **hidden)) for k in ks if base and topk_best(top_k=k, **hidden)]
     if len(by_k) > 1:
         out.append('- more active experts help top-k (M6-T abstract), k by k:')
         for (k1, a), (k2, b) in zip(by_k, by_k[1:]):
             out.extend(loss(b, a, indent='  '))
         # each k's top-k against dense of its active size (ffn_hidden = k x an expert's hidden)
-        dense = [(k, label, _one(rows, 'dense', ffn_hidden=k * rows[label]['run']['ffn_hidden'])) for k, label in by_k]
+        dense = [(k, label, _one(rows, 'dense', ffn_hidden=k * rows[label]['run']['ffn_hidden']))
+                 for k, label in by_k if rows[label]['run'].get('ffn_hidden')]
         dense = [(k, a, d) for k, a, d in dense if d]
         if dense:
             out.append('- ... beyond their compute: top-k < dense of the same active size, at each k (what "helps" means '
