@@ -10,23 +10,26 @@ import math
 import numpy as np
 
 
+def _find(rows, name, **setting):
+    """The labels of a kind (exactly) with a setting; logs made before a setting existed ran at its default."""
+    return [k for k, r in rows.items() if r['kind'] == name
+            and all(r['run'].get(key, TREND_DEFAULTS.get(key)) == v for key, v in setting.items())]
+
+
 def _one(rows, name, exact=False, **setting):
     """The single label of a kind (with a setting, e.g. n_expert=32), or None if there is none or
     several. Without a run of that kind, its unrenormalised twin (name + '-norenorm': an older
     bake-off's top-k) stands in unless `exact`."""
-    def find(wanted):
-        return [k for k, r in rows.items() if r['kind'] == wanted
-                and all(r['run'].get(key, TREND_DEFAULTS.get(key)) == v for key, v in setting.items())]
-    found = find(name) or ([] if exact or name.endswith('-norenorm') else find(name + '-norenorm'))
+    found = _find(rows, name, **setting) or (
+        [] if exact or name.endswith('-norenorm') else _find(rows, name + '-norenorm', **setting))
     return found[0] if len(found) == 1 else None
 
 
-def _best(rows, name, **setting):
-    """The label of a kind (exactly, with a setting) whose mean val loss over the seeds is the lowest: a
-    baseline entered at several of its own settings (SparseMixer-v2's eps) is compared at its best."""
-    found = [k for k, r in rows.items() if r['kind'] == name
-             and all(r['run'].get(key, TREND_DEFAULTS.get(key)) == v for key, v in setting.items())]
-    return min(found, key=lambda k: np.mean(rows[k]['val'])) if found else None
+def _lowest(rows, labels):
+    """Of the labels given (None skipped), the one whose mean val loss over the seeds is the lowest: a
+    baseline entered at several of its own settings is compared at its best. None if none is given."""
+    labels = [label for label in labels if label]
+    return min(labels, key=lambda label: np.mean(rows[label]['val'])) if labels else None
 
 
 # The papers' claims about a trend: how A's gain over B (B − A, seed by seed) moves along one setting.
@@ -127,9 +130,8 @@ def m6t_claims(rows, loss):
         return _one(rows, 'topk', exact=True, **{'capacity_factor': 0.0, **setting})
     def topk_best(**setting):  # dropless top-k at its better renormalisation where both ran: at k = 1 a
         # renormalised gate is always 1 and the router learns nothing from the loss, so k = 1 runs unrenormalised
-        found = [label for label in (_one(rows, variant, exact=True, **{'capacity_factor': 0.0, **setting})
-                                     for variant in ('topk', 'topk-norenorm')) if label]
-        return min(found, key=lambda label: np.mean(rows[label]['val'])) if found else None
+        return _lowest(rows, [_one(rows, variant, exact=True, **{'capacity_factor': 0.0, **setting})
+                              for variant in ('topk', 'topk-norenorm')])
     # M6-T's k: more experts of one size (more compute), so the experts' size of the k = 2 run (configs/topk.py's)
     base = topk_best(top_k=2)
     hidden = {} if base is None else {'ffn_hidden': rows[base]['run'].get('ffn_hidden')}
@@ -163,9 +165,8 @@ def m6t_claims(rows, loss):
          'M6-T abstract', topk(top_k=k), _one(rows, 'topk-noaux', exact=True, top_k=k))
     # prototyping against top-k, each at its better renormalisation (by mean val over the seeds)
     def best(name):
-        found = [label for label in (_one(rows, variant, exact=True, top_k=k, capacity_factor=0.0)
-                                     for variant in (name, name + '-norenorm')) if label]
-        return min(found, key=lambda label: np.mean(rows[label]['val'])) if len(found) == 2 else None
+        found = [_one(rows, variant, exact=True, top_k=k, capacity_factor=0.0) for variant in (name, name + '-norenorm')]
+        return _lowest(rows, found) if all(found) else None
     proto, top = best('prototype'), best('topk')
     pair('expert prototyping < top-k, each at its better renormalisation', 'M6-T abstract', proto, top)
     return out
@@ -267,9 +268,8 @@ def claims(rows):
     if hashed:  # the Table 2 study (its runs at k = 1; a study may add ReMoE and top-k at k = 2: TRENDS)
         table2 = {k: _one(rows, k, top_k=1) for k in ('lory', 'sparsemixer', 'expert_choice', 'topk')}
         # SparseMixer-v2 at its better mask width, where the study tries several (its eps is not in ReMoE)
-        mixers = sorted((k for k, r in rows.items() if r['kind'] == 'sparsemixer' and r['run'].get('top_k') == 1),
-                        key=lambda k: rows[k]['run'].get('sparsemixer_eps', 0.01))
-        table2['sparsemixer'] = _best(rows, 'sparsemixer', top_k=1)
+        mixers = sorted(_find(rows, 'sparsemixer', top_k=1), key=lambda k: rows[k]['run'].get('sparsemixer_eps', 0.01))
+        table2['sparsemixer'] = _lowest(rows, mixers)
         if len(mixers) > 1:
             out.append('- SparseMixer-v2 with a wider mask (a larger sparsemixer_eps: more experts sampled, a '
                        'router gradient from the loss on more tokens) < a narrower one (this repo), eps by eps:')
