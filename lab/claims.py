@@ -280,6 +280,10 @@ def claims(rows):
         each('every learned router < Hash', 'ReMoE Table 2', [(a, hashed) for a in [remoe, *table2.values()]])
         each('dMoE < the other routers of the table but ReMoE', 'ReMoE Table 2',
              [(dmoe, table2[k]) for k in ('lory', 'sparsemixer', 'expert_choice')] + [(dmoe, hashed)])
+        # ReMoE's Hash (id mod E) against Roller et al.'s fixed random table: is Hash's place in the table
+        # its modulus (on bytes, mod 8 puts the space alone with few others), or any fixed table?
+        claim('Hash by id mod E < Hash by a fixed random table (no paper claim; Roller et al. draw the table)',
+              'this repo', [hashed, _one(rows, 'hash-random')])
         lory = table2['lory']
         if lory and None not in rows[lory].get('train', [None]) + rows[hashed].get('train', [None]):
             out.append(paired(lory, hashed, 'train', name='Lory < Hash in training loss (ReMoE §4.2, Table 2), '
