@@ -16,7 +16,8 @@ overrides; its seed sets both its initialisation and its data order, so seed s o
 sees the same batches. Each run is train.py in a subprocess, writing
 results/<name>/runs/<label>-s<seed>/ (log.jsonl, ckpt.pt, train.log). Finished runs are reused
 and interrupted ones resumed, so a bake-off stopped with Ctrl-C continues where it stopped; a
-folder made with other settings is refused, never overwritten. A finished run folder copied from
+folder made with other settings is refused, never overwritten, and so is a run whose logged config
+differs from what its entry gives now (a config file changed since the study ran). A finished run folder copied from
 another bake-off with the same settings is reused as it is. A finished run whose log ends without a
 final score over every validation token (made before train.py had one) stops the bake-off before
 any training, with the command that re-scores it (python train.py --init_from=resume
@@ -120,7 +121,8 @@ def last_line(path):
 
 
 def dry_run(label, config, overrides, common):
-    """Check an entry cheaply before hours of training: train.py itself, for zero steps, eagerly."""
+    """Check an entry cheaply before hours of training: train.py itself, for zero steps, eagerly.
+    Returns the config it resolved (its log's run record)."""
     with tempfile.TemporaryDirectory() as tmp:
         argv = [config, *common, *overrides, f'--out_dir={tmp}/out', '--max_iters=0', '--eval_iters=1',
                 '--compile=False']
@@ -130,6 +132,32 @@ def dry_run(label, config, overrides, common):
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             why = lines[-1] if lines else f'exit code {proc.returncode}'
             raise LabError(f"run {label!r} does not start: {why.removeprefix('error: ')}")
+        return analysis.read_log(f'{tmp}/out').run
+
+
+# What may differ between a run folder's logged config and its entry's config now: where and how the
+# run was driven (paths, evaluation, device, compile, dispatch backend, process layout) and what the
+# dry run itself sets, never what it trains. batch_size and accumulation are per process: tokens_per_iter,
+# compared, is the global batch.
+NOT_THE_RECIPE = ('out_dir', 'init_from', 'data_dir', 'max_iters', 'lr_decay_iters', 'eval_interval', 'log_interval',
+                  'eval_iters', 'eval_only', 'always_save_checkpoint', 'sample_tokens', 'device', 'dtype', 'compile',
+                  'expert_impl', 'ep_size', 'dist_timeout', 'max_skipped_steps', 'ec_eval', 'seed', 'batch_size',
+                  'gradient_accumulation_steps', 'world_size', 'params', 'active_params', 'domains')
+
+
+def check_recipe(out, label, config, recipe):
+    """A run folder trained (or begun) under another config than its entry gives now, e.g. a config file
+    changed since the study ran, is refused: reusing it would mix two recipes under one label. Keys
+    that the older log lacks are skipped (it ran before they existed)."""
+    if not (out / 'log.jsonl').exists():
+        return
+    then = analysis.read_log(out).run
+    diff = [k for k in recipe if k in then and k not in NOT_THE_RECIPE and then[k] != recipe[k]]
+    if diff:
+        what = ', '.join(f'{k}={then[k]!r}' for k in diff)
+        now = ', '.join(f'{k}={recipe[k]!r}' for k in diff)
+        raise LabError(f"{out} was trained with {what}, but entry {label!r} ({config}) now gives {now}: its config "
+                       f"changed since; run the study under a new --name (or at the commit that made it)")
 
 
 def check_folder(folder, settings):
@@ -371,10 +399,11 @@ def main(argv=None):
         made_by = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ('--rescore', '--print')]
         check_folder(folder, {'common': common, 'argv': made_by})
         seeds = [1337 + i for i in range(seeds)]
+        for label, config, overrides in runs:  # every entry: a new one must start, an old one must not have changed
+            recipe = dry_run(label, config, overrides, common)
+            for seed in seeds:
+                check_recipe(folder / 'runs' / f'{label}-s{seed}', label, config, recipe)
         rescore_stale(folder, runs, seeds, args.rescore)  # before any training: old scores never mix with new
-        for label, config, overrides in runs:
-            if not (folder / 'runs' / f'{label}-s1337' / 'run.json').exists():
-                dry_run(label, config, overrides, common)
         if args.print:
             print_commands(folder, runs, seeds, common)
             return

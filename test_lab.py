@@ -228,6 +228,15 @@ def test_bakeoff_end_to_end(tmp_path):
     (clone / 'train.py').write_text('')
     (run / 'run.json').write_text(json.dumps({**state, 'argv': [str(clone / 'configs' / 'remoe.py'), *state['argv'][1:]]}))
     assert '[2/2] remoe-s1337: done before' in lab(tmp_path, *args, '--no_plots').stdout
+    # ... but not once its config file has changed since (here: the run's logged config says another rate)
+    log_text = (run / 'log.jsonl').read_text()
+    records = [json.loads(line) for line in log_text.splitlines()]
+    records[0]['run']['router_lr_scale'] = 0.5
+    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    changed = lab(tmp_path, *args, '--no_plots', ok=False)
+    one_line_error(changed, f"{run} was trained with router_lr_scale=0.5, but entry 'remoe'")
+    one_line_error(changed, "now gives router_lr_scale=0.25: its config changed since; run the study under a new --name")
+    (run / 'log.jsonl').write_text(log_text)
     assert 'every validation token once' in table and 'one seed: not decided' in table
 
     # a run made before the full-split score: its log ends with a sampled val loss. It stops the

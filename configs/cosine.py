@@ -17,5 +17,5 @@ n_expert = 8
 top_k = 2  # RMoE Table 1: top-2 (of 16 there)
 router = 'cosine'
 aux_loss_coef = 0.01  # RMoE §4.1: the balance loss 0.01 for every router of Table 1
-router_lr_scale = 0.25  # as configs/topk.py, so the logits are the only difference
+router_lr_scale = 1.0  # as configs/topk.py, so the logits are the only difference
 router_renorm = True  # as configs/topk.py and RMoE's code

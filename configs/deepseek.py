@@ -18,7 +18,7 @@ moe_every = 1
 n_expert = 8
 top_k = 2
 router = 'topk'
-router_lr_scale = 0.25  # as configs/topk.py: the routers learn 4x slower
+router_lr_scale = 1.0  # as configs/topk.py
 score = 'sigmoid'  # DeepSeek-V3 eq. 15: each expert scored on its own, s = sigmoid(u . e_i)
 router_renorm = True  # eq. 13: the 2 chosen scores renormalised to sum to 1
 # DeepSeek-V3 scales its gates by 2.5 with 8 of 256 fine-grained experts beside a shared expert; here

@@ -20,4 +20,4 @@ top_k = 1  # ReMoE Table 2 ranks its baselines at E = 8, k = 1
 router = 'expert_choice'
 ec_capacity = 1.0
 ec_eval = 'topk'
-router_lr_scale = 0.25  # as configs/topk.py
+router_lr_scale = 1.0  # as configs/topk.py

@@ -19,4 +19,4 @@ n_expert = 8
 top_k = 1  # ReMoE Table 2 ranks its baselines at E = 8, k = 1 (Lory merges: one FFN a token)
 router = 'lory'
 lory_segment = 32
-router_lr_scale = 0.25  # as configs/topk.py
+router_lr_scale = 1.0  # as configs/topk.py

@@ -19,4 +19,4 @@ n_expert = 8
 top_k = 2  # groups
 router = 'prototype'
 aux_loss_coef = 0.01  # Switch loss inside each group
-router_lr_scale = 0.25  # the routers learn 4x slower: better val loss for top-k and ReMoE (README)
+router_lr_scale = 1.0  # as configs/topk.py (top-1 routers in each group: x0.25 was top-k's rate)

@@ -23,6 +23,7 @@ remoe_alpha = 1.2
 # What holds the controller at this scale (docs/remoe-small-scale.md, 14 runs): at the full
 # learning rate the routers' noisy updates push the sparsity above target faster than λ -> 0 can
 # let it back (off ReLU gates get no gradient), λ falls to 1e-45 and experts die. A 4x lower router
-# learning rate (top-k gains from it too) and a floor at λ0 settle it within ±0.025 from step ~430.
+# learning rate and a floor at λ0 settle it within ±0.025 from step ~430. (The other routers train at
+# x1, better for top-k and RMoE at 3 seeds: results/rmoe-depth. ReMoE at x1 with the floor is not measured.)
 router_lr_scale = 0.25
 remoe_lambda_floor = True

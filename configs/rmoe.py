@@ -27,4 +27,5 @@ rmoe_dim = 64
 rmoe_init = 'torch'  # PyTorch's own GRU and Linear init, biases on projector and router (the paper's code)
 router_renorm = True
 aux_loss_coef = 0.01
-router_lr_scale = 0.25  # the routers learn 4x slower: better val loss for top-k and ReMoE (README)
+router_lr_scale = 1.0  # router and GRU at the model's rate: better than x0.25 by 0.0124 at 4 layers and
+# 0.0098 at 8 (3 seeds each, results/rmoe-depth)

@@ -18,4 +18,4 @@ top_k = 1  # ReMoE Table 2 ranks its baselines at E = 8, k = 1
 router = 'sparsemixer'
 sparsemixer_eps = 0.01  # PhiMoE's released value; ReMoE does not state its own
 aux_loss_coef = 0.01  # ReMoE's MoE baselines: the balance loss 0.01
-router_lr_scale = 0.25  # as configs/topk.py
+router_lr_scale = 1.0  # as configs/topk.py
