@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 from lab import analysis  # noqa: E402
 
 # matplotlib's default colour cycle as a list: the i-th label a figure draws gets COLORS[i]
-COLORS = plt.rcParams['axes.prop_cycle'].by_key()['color']
+# matplotlib's ten, then six more: a study of up to 16 entries gives each its own colour
+COLORS = plt.rcParams['axes.prop_cycle'].by_key()['color'] + ['black', 'goldenrod', 'navy', 'lime', 'teal', 'maroon']
 
 
 def _save(fig, path):
