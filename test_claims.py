@@ -103,6 +103,22 @@ def test_report_claims_of_the_seeds_tables():
     assert any(line.startswith('- a linear router < the MLP router') and line.endswith('holds') for line in lines)
     assert "- RMoE's cross-layer MI > random's (RMoE Fig. 3), bits between consecutive layers' expert choices: " \
            "reversed" in lines  # (MI here moves with the loss gap: random's is the highest)
+    # RMoE §6 on the gates: each statistic paired seed by seed against top-k (and RandomSMoE / XMoE)
+    shape = {'entropy': (1.80, 1.95, 2.07), 'ib': (3.0, 2.1, 1.05), 'ob': (0.70, 0.62, 0.30),
+             'mean_load_cv': (0.10, 0.08, 0.02), 'expert_cos': (0.006, 0.006, 0.001)}  # top-k, RMoE, random
+    for key, (topk, rmoe, random) in shape.items():
+        for label, value in (('topk', topk), ('rmoe', rmoe), ('random', random), ('xmoe', topk)):
+            table1[label][key] = list(np.array([0.0, 0.01, -0.01]) + value)
+    lines = heads(table1)
+    assert any(line.startswith("- RMoE's gates are less peaked than top-k's") and line.endswith('holds') for line in lines)
+    assert any(line.startswith("- RMoE's inner balance is below top-k's") and line.endswith('holds') for line in lines)
+    assert any(line.startswith("- RMoE's outer balance is below top-k's") and line.endswith('holds') for line in lines)
+    assert any(line.startswith("- RMoE's expert load is less balanced") and line.endswith('reversed') for line in lines)
+    assert any(line.startswith("- RMoE's experts are less alike") and line.endswith('not decided at this scale')
+               for line in lines)  # equal per seed: no difference at all
+    assert any(line.startswith("- RMoE's gates are more peaked than RandomSMoE's") and line.endswith('holds')
+               for line in lines)
+    assert any(line.startswith("- RMoE's inner balance is below XMoE's") and line.endswith('holds') for line in lines)
 
 def test_verdict_is_paired_seed_by_seed():
     # a small gap that every seed agrees on holds
@@ -218,6 +234,13 @@ def test_depth_recipe_claims_decide_each_routers_rate_then_the_trend():
     # the generic claims, which need one entry of a kind (RMoE < top-k, the depth trend), stand aside
     assert lab_claims.claims(rows)[0] == lab_claims.depth_recipe_claims(rows, lambda *a, **k: [])[0]
     assert lab_claims.depth_recipe_claims({k: rows[k] for k in ('topk', 'rmoe')}, None) == []  # one rate
+    # RMoE §6 on the gates, at each depth, each router at its better rate (RMoE ×1, top-k ×0.25 here)
+    for label, r in rows.items():
+        r['ob'] = list(np.array([0.70, 0.72, 0.71]) - (0.05 if r['kind'] == 'topk-recurrent' else 0))
+    lines = lab_claims.claims(rows)
+    at = lines.index("- RMoE's gates against top-k's at 8 layers, each at its better rate (RMoE §6):")
+    assert lines[at + 1].startswith("  - RMoE's outer balance is below top-k's") and '**holds**: rmoe-l8-lr1 0.660 ' \
+        'vs topk-l8 0.710' in lines[at + 1]
 
 
 def test_report_claims_of_m6t():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lab import analysis
 
@@ -116,6 +117,21 @@ def test_mutual_information_extremes():
     assert analysis.cross_layer_mutual_information(snap) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_expert_similarity_reads_each_layers_experts_from_the_checkpoint(tmp_path):
+    D, H = 4, 3
+    same = torch.randn(1, D, 2 * H).repeat(3, 1, 1), torch.randn(1, H, D).repeat(3, 1, 1)  # 3 equal experts
+    apart = torch.zeros(2, D, 2 * H), torch.zeros(2, H, D)  # 2 experts on disjoint weights: orthogonal
+    apart[0][0, 0, 0], apart[1][1, 0, 0] = 1.0, -2.0
+    state = {'transformer.h.0.mlp.experts.w_in': same[0], 'transformer.h.0.mlp.experts.w_out': same[1],
+             'transformer.h.1.mlp.router.w_g.weight': torch.randn(2, D),
+             'transformer.h.1.mlp.experts.w_in': apart[0], 'transformer.h.1.mlp.experts.w_out': apart[1],
+             'transformer.h.1.mlp.shared.w_in': torch.randn(1, D, 2 * H)}  # shared experts are left out
+    torch.save({'model': state, 'model_args': {}}, tmp_path / 'ckpt.pt')
+    assert analysis.expert_similarity(tmp_path) == pytest.approx([1.0, 0.0], abs=1e-6)
+    torch.save({'model': {'transformer.h.0.mlp.w_in': torch.randn(D, 2 * H)}, 'model_args': {}}, tmp_path / 'ckpt.pt')
+    assert analysis.expert_similarity(tmp_path) is None  # dense
+
+
 def test_experts_per_token_by_id_and_spearman():
     tokens = np.repeat([5, 6, 7], 30)
     gates = np.zeros((90, 2, 4))
@@ -209,7 +225,8 @@ def test_bakeoff_end_to_end(tmp_path):
     assert '[1/2] topk-s1337: training' in proc.stdout and '[2/2] remoe-s1337: training, bake-off ETA' in proc.stdout
     table = (folder / 'results.md').read_text()
     for needle in ('| topk |', '| remoe |', 'shakespeare_char (bytes), 12 steps', 'settles in ±0.02',
-                   '## Paper claims at this scale', 'rare tokens get more experts under ReMoE'):
+                   '## Paper claims at this scale', 'rare tokens get more experts under ReMoE',
+                   'expert weights, mean cosine |\n|---|---|---|---|---|\n| topk |'):  # the softmax router's gates
         assert needle in table, needle
     for name in ('val_loss', 'remoe_dynamics', 'expert_load', 'rare_tokens'):
         _png(folder / f'{name}.png')

@@ -5,7 +5,9 @@ lab.report tabulates them and lab.plots draws them; both work on any train.py ru
 From the log (every logged step and evaluation):
     final val loss (overall and per domain), tokens/s, expert load per layer and dead experts,
     and ReMoE's controller: when the sparsity settles in its band, how tightly it stays there,
-    how low λ falls after the overshoot.
+    how low λ falls after the overshoot; the softmax routers' gate entropy (RMoE Fig. 4) and their
+    inner and outer balance (RMoE Table 8), as logged during training.
+From the checkpoint's weights: how alike each layer's experts are (RMoE Fig. 5).
 From the checkpoint (a forward pass over validation windows with the routers' gates recorded):
     experts per token by token id and frequency (ReMoE Fig. 7), the share of each domain's tokens
     each expert takes (ReMoE Fig. 9) and the mutual information between domain and expert, and
@@ -265,6 +267,25 @@ def cross_layer_mutual_information(snap):
         np.add.at(joint, (top[keep, layer], top[keep, layer + 1]), 1)
         mi.append(_mutual_information(joint))
     return float(np.mean(mi)) if mi else float('nan')
+
+
+def expert_similarity(out_dir):
+    """Per MoE layer, the mean cosine similarity of its experts' weights over every pair of experts
+    (each expert's w_in and w_out flattened into one vector): how alike the experts grew (RMoE Fig. 5).
+    None for a model without routed experts."""
+    from checkpoint import load_checkpoint
+    state = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))['model']
+    layers = []
+    for name, w_in in state.items():
+        if not name.endswith('.experts.w_in'):  # routed experts only: shared experts are not compared
+            continue
+        w_out = state[name.removesuffix('w_in') + 'w_out']
+        v = torch.cat([w_in.flatten(1), w_out.flatten(1)], dim=1).float()  # [E, D*2H + H*D]
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = v @ v.T  # [E, E]
+        E = cos.size(0)
+        layers.append(float((cos.sum() - cos.diagonal().sum()) / (E * (E - 1))))  # off the diagonal
+    return layers or None
 
 
 def fmt_params(n):

@@ -76,12 +76,13 @@ def trend(rows, key, short, a, b, text, source, grows, fixed_a=None, fixed_b=Non
     return lines
 
 
-def depth_recipe_claims(rows, loss):
+def depth_recipe_claims(rows, loss, paired=None):
     """RMoE's recipe at depth: its routers and top-k's at two learning rates (router_lr_scale) at each
     depth; RMoE's rate is the one configs/rmoe.py should take, top-k keeps the lower one unless the higher
     one beats it. Then RMoE's gain over top-k along depth (RMoE Fig. 2) at each rate, and with each router
-    at its better rate (the lower mean val over the seeds and depths) where that pairs two rates. Needs
-    RMoE or top-k entries at exactly two rates."""
+    at its better rate (the lower mean val over the seeds and depths) where that pairs two rates; with
+    `paired`, how RMoE's gates differ from top-k's at each depth, each at its better rate (GATE_SHAPE).
+    Needs RMoE or top-k entries at exactly two rates."""
     rate = lambda r: r['run'].get('router_lr_scale', TREND_DEFAULTS['router_lr_scale'])
     kinds = ('topk-recurrent', 'topk')
     rates = sorted({rate(r) for r in rows.values() if r['kind'] in kinds})
@@ -112,6 +113,12 @@ def depth_recipe_claims(rows, loss):
         pairings.append(best)
     for ra, rb in pairings:
         out.extend(trend(rows, *depth, fixed_a={'router_lr_scale': ra}, fixed_b={'router_lr_scale': rb}))
+    for n in depths if paired and None not in best else ():
+        a, b = (_one(rows, kind, exact=True, n_layer=n, router_lr_scale=r) for kind, r in zip(kinds, best))
+        if a and b:
+            out.append(f"- RMoE's gates against top-k's at {n} layers, each at its better rate (RMoE §6):")
+            out.extend(paired(a, b, key, claimed, digits, indent='  ', name=text)
+                       for key, claimed, digits, text in GATE_SHAPE if key in rows[a] and key in rows[b])
     return out
 
 
@@ -251,7 +258,7 @@ def claims(rows):
           [_one(rows, 'remoe-recurrent'), _one(rows, 'remoe')])
     for args in TRENDS:
         out.extend(trend(rows, *args))
-    out.extend(depth_recipe_claims(rows, loss))
+    out.extend(depth_recipe_claims(rows, loss, paired))
 
     def each(text, source, pairs):
         # one claim over several pairs (A < B each), decided pair by pair; pairs with a missing entry skipped
@@ -307,6 +314,13 @@ def claims(rows):
         claim('a linear router < the MLP router of about its size, i.e. the MLP is no better (not decided is '
               'consistent)', 'RMoE Table 4', [_one(rows, 'topk'), table1['mlp']])
         claim('XMoE with the GRU < XMoE', 'RMoE Table 2', [_one(rows, 'xmoe-recurrent'), table1['xmoe']])
+        # RMoE Fig. 4: RandomMoE's gates are flat, RMoE's moderate; Table 8: XMoE's IB 19.93, RMoE's 2.02
+        if table1['random'] and 'entropy' in rows[rmoe]:
+            out.append(paired(rmoe, table1['random'], 'entropy', '<', 3, name="RMoE's gates are more peaked than "
+                              "RandomSMoE's (RMoE Fig. 4: RandomMoE flat), the router's entropy in nats"))
+        if table1['xmoe'] and 'ib' in rows[rmoe]:
+            out.append(paired(rmoe, table1['xmoe'], 'ib', '<', 2, name="RMoE's inner balance is below XMoE's "
+                              "(RMoE Table 8: IB 2.02 vs 19.93), the median over tokens of top-1 / top-2 probability"))
         for b in [*table1.values(), _one(rows, 'xmoe-recurrent')]:
             if b:
                 out.append(paired(rmoe, b, 'cross_mi', '>', 3, name=f"RMoE's cross-layer MI > {b}'s (RMoE Fig. 3), "
@@ -355,7 +369,26 @@ def claims(rows):
         out.append(paired(rmoe, topk, 'cross_mi', '>', 3, name="RMoE's routing carries more information from "
                           "layer to layer (RMoE Fig. 3), mutual information between consecutive layers' expert "
                           "choices in bits"))
+        for key, claimed, digits, text in GATE_SHAPE:  # how RMoE's gates differ from top-k's (RMoE §6)
+            if key in rows[rmoe] and key in rows[topk]:
+                out.append(paired(rmoe, topk, key, claimed, digits, name=text))
     return out
+
+
+# RMoE §6 on its gates against top-k's (SMoE's): (row key, claimed, digits, the claim); each a mean over
+# layers, the gate statistics over the last 100 training steps (lab.report)
+GATE_SHAPE = (
+    ('entropy', '>', 3, "RMoE's gates are less peaked than top-k's (RMoE Fig. 4: SMoE near one-hot, RMoE "
+     "moderate), the router's entropy in nats"),
+    ('ib', '<', 2, "RMoE's inner balance is below top-k's (RMoE Table 8: IB 2.02 vs 34.68), the median over "
+     "tokens of top-1 / top-2 probability"),
+    ('ob', '<', 3, "RMoE's outer balance is below top-k's (RMoE Table 8: OB 0.573 vs 0.915), the probability "
+     "its kept experts hold"),
+    ('mean_load_cv', '>', 3, "RMoE's expert load is less balanced than top-k's (RMoE Fig. 12: \"slightly more "
+     "imbalanced\"), the load's CV"),
+    ('expert_cos', '<', 4, "RMoE's experts are less alike than top-k's (RMoE Fig. 5), the mean cosine similarity "
+     "of two experts' weights"),
+)
 
 
 RULE = ('Each claim "A < B" is decided seed by seed (seed s of every entry trained on the same batches and '

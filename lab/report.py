@@ -104,6 +104,15 @@ def summarize(folder, runs, seeds):
             if snaps[0]['domains'] is not None:
                 row['domain_mi'] = [float(np.mean(analysis.domain_mutual_information(s))) for s in snaps]
             row['rho'] = [analysis.spearman(*analysis.experts_per_token_by_id(s)[1:]) for s in snaps]
+        # RMoE §6's measures of the gates, as logged over the last 100 training steps, mean over layers:
+        # entropy (Fig. 4), and for the softmax routers inner and outer balance (Table 8)
+        for key, logged in (('entropy', 'router_entropy'), ('ib', 'top1_top2'), ('ob', 'kept_prob')):
+            values = [analysis.recent_mean(log, logged) for log in logs]
+            if all(v is not None for v in values):
+                row[key] = [float(np.mean(v)) for v in values]
+        similarity = [analysis.expert_similarity(d) for d in dirs]  # how alike the experts grew (Fig. 5)
+        if all(s is not None for s in similarity):
+            row['expert_cos'] = [float(np.mean(s)) for s in similarity]
         rows[label] = row
     return rows
 
@@ -145,6 +154,13 @@ def tables(rows):
                          f"{pm(r['domain_mi'], 3) if 'domain_mi' in r else '-'} | {pm(r['cross_mi'], 3)} | "
                          # a router that gives every token K experts has no rank correlation (ρ NaN)
                          f"{'- (K fixed)' if np.isnan(r['rho']).all() else pm(r['rho'], 2)} |")
+    shaped = {k: r for k, r in rows.items() if 'ib' in r}
+    if shaped:  # the softmax routers' gates (RMoE §6): the last 100 steps, mean over layers
+        lines += ['', '| run | gate entropy, nats | top-1 / top-2 probability (IB) | kept probability (OB) | '
+                  'expert weights, mean cosine |', '|---' * 5 + '|']
+        for label, r in shaped.items():
+            cos = pm(r['expert_cos'], 4) if 'expert_cos' in r else '-'
+            lines.append(f"| {label} | {pm(r['entropy'], 3)} | {pm(r['ib'], 2)} | {pm(r['ob'], 3)} | {cos} |")
     biased = {k: r for k, r in rows.items() if r['bias_spread'][0] is not None}
     if biased:
         lines += ['', '| run | bias spread (max − min) at the end, by layer | bias step u |', '|---' * 3 + '|']
