@@ -48,7 +48,7 @@ class GPTConfig:
     expert_granularity: int = 1  # G: E*G experts of hidden H/G, K*G active (same parameters)
     n_shared_expert: int = 0  # always-on experts per MoE layer beside the routed ones (DeepSeekMoE), each of hidden H/G
     capacity_factor: float = 0.0  # topk/prototype: slots per expert = cf * K * N / E; 0 = dropless
-    balance: str = 'aux'  # topk/prototype load balancing: 'aux' (Switch loss), 'bias' (loss-free), 'none'
+    balance: str = 'aux'  # 'aux' (topk: Switch loss; remoe: eq. 10-11), 'bias' (loss-free), 'none' (remoe: eq. 9's L1)
     aux_loss_coef: float = 0.01  # Switch balancing loss, per MoE layer (topk, prototype, balance='aux')
     bias_update_rate: float = 1e-3  # balance='bias': the bias step u per optimizer step (2408.15664: 1e-3)
     z_loss_coef: float = 0.0  # ST-MoE router z-loss, per MoE layer (1e-3 is typical)

@@ -40,12 +40,15 @@ RMOE_FLOWS = ('pass', 'detach', 'none')  # RMoE Table 5: what of h_{i-1} reaches
 RMOE_INITS = ('normal', 'torch')  # the recurrent router's init (GPT._init_weights)
 
 
-def remoe_l1(gates, top_k):
+def remoe_l1(gates, top_k, balanced=True):
     """ReMoE eq. 10-11 for one layer: (1/N) sum_n sum_e f_e * R_ne, with f_e = E/(K*N) * (tokens
     using e), the load relative to the ideal K/E, held constant (a count: no gradient). Overloaded
     experts are pushed to zero harder. Its minimum is 0 (all gates zero), which is why its
-    coefficient cannot be fixed and ReMoE adapts it online."""
+    coefficient cannot be fixed and ReMoE adapts it online. balanced=False: the plain L1 of eq. 9,
+    every f_e = 1 (§5.2's ReMoE without load balancing)."""
     N, E = gates.shape
+    if not balanced:
+        return gates.sum() / N  # eq. 9: gates are >= 0, so their sum is the L1 norm
     f = (gates > 0).sum(0).float() * E / (top_k * N)  # [E]
     return (f * gates).sum() / N
 
@@ -267,7 +270,14 @@ class ReMoERouter(LearnedRouter):
     """
 
     name = 'remoe'
-    options = LearnedRouter.options + ('remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor', 'remoe_l1_reduction')
+    options = LearnedRouter.options + ('balance', 'remoe_lambda0', 'remoe_alpha', 'remoe_lambda_floor',
+                                       'remoe_l1_reduction')
+
+    @classmethod
+    def kind(cls, run):
+        parts = super().kind(run)  # [name, recurrent..., shared?]: 'noaux' (the plain L1) before 'shared'
+        shared = parts[-1:] if parts[-1] == 'shared' else []
+        return parts[:len(parts) - len(shared)] + (['noaux'] if run.get('balance', 'aux') == 'none' else []) + shared
 
     @classmethod
     def check(cls, config):
@@ -278,9 +288,10 @@ class ReMoERouter(LearnedRouter):
         if config.router_renorm:
             raise ValueError("router_renorm=True with router='remoe' is invalid: ReLU gates are never "
                              "normalised (ReMoE §3.2)")
-        if config.balance != 'aux':
-            raise ValueError(f"balance={config.balance!r} with router='remoe' is invalid: ReMoE balances through "
-                             f"its load-weighted L1 (eq. 10-11); bias balancing is for topk and prototype")
+        if config.balance == 'bias':
+            raise ValueError("balance='bias' with router='remoe' is invalid: ReMoE balances through its "
+                             "load-weighted L1 (eq. 10-11, balance='aux'; 'none' is the plain L1 of eq. 9); "
+                             "bias balancing is for topk and prototype")
         if config.score != 'softmax':
             raise ValueError(f"score={config.score!r} with router='remoe' is invalid: ReLU routing has no scores "
                              f"to choose from (its gates are relu(x W)); use router='topk' for sigmoid scoring")
@@ -300,13 +311,15 @@ class ReMoERouter(LearnedRouter):
         self.lambda_min = config.remoe_lambda0 if config.remoe_lambda_floor else torch.finfo(torch.float32).tiny
         # eq. 9-10 average the L1 over the L MoE layers; the reference code sums them
         self.l1_scale = 1 / self.n_moe_layers if config.remoe_l1_reduction == 'mean' else 1.0
+        # balance='none': the plain L1 of eq. 9, which still holds the sparsity but not the load (§5.2)
+        self.balanced = config.balance == 'aux'
 
     def forward(self, x, state=None, seq_len=None, measure=True, ids=None):
         logits, state = self.logits(x, state)  # [N, E]
         gates = F.relu(logits)  # ReMoE eq. 5
         if not measure:
             return gates.to(x.dtype), logits.new_zeros(()), {}, state
-        aux_loss = self.lam * self.l1_scale * remoe_l1(gates, self.top_k)  # eq. 6 and 10
+        aux_loss = self.lam * self.l1_scale * remoe_l1(gates, self.top_k, self.balanced)  # eq. 6, and 10 or 9
         stats = routing_stats(gates, logits=logits)
         stats['dropped'] = gates.new_zeros(())  # ReLU routing is dropless
         return gates.to(x.dtype), aux_loss, stats, state

@@ -276,3 +276,25 @@ def test_report_claims_of_m6t():
         '  - topk < topk-k1: holds'
     rows['topk-k1-renorm'] = row('topk', 0.05, k=1)  # both at k = 1: the better one stands for k = 1
     assert '  - topk < topk-k1: holds' in heads(rows) and '  - topk < topk-k1-renorm: holds' not in heads(rows)
+
+
+def test_report_claims_of_remoe_without_load_balancing():
+    """ReMoE §5.2: the load-balanced L1 against the plain one (balance='none', kind remoe-noaux) in loss
+    and in load, and the plain one against top-k without balancing; left out without their runs."""
+    def row(kind, gap, cv=None):
+        return {'kind': kind, 'run': {'top_k': 2}, 'val': list(np.array([1.50, 1.55, 1.60]) + gap), 'domains': {},
+                'mean_load_cv': cv}
+    rows = {'remoe': row('remoe', 0.0, [0.10, 0.12, 0.11]), 'remoe-l1': row('remoe-noaux', 0.01, [0.30, 0.25, 0.40]),
+            'topk-noaux': row('topk-noaux', [0.01, 0.0, 0.03])}
+    lines = lab_claims.claims(rows)
+    assert any(line.startswith("- ReMoE's load-balanced L1 < its plain L1 (ReMoE §5.2, Table 11): **holds**: remoe")
+               for line in lines)
+    assert any(line.startswith("- ReMoE's plain L1 leaves the experts' load more uneven than its load-balanced L1 "
+                               "(ReMoE Fig. 8b-c), the CV of the load: **holds**: remoe-l1 0.317 vs remoe 0.110")
+               for line in lines)
+    assert any(line.startswith('- ReMoE with the plain L1 < top-k without balancing (ReMoE §5.2, Fig. 8a): **not '
+                               'decided') for line in lines)
+    rows['remoe']['mean_load_cv'] = None  # a run without load logs: the load claim is left out, the loss one is not
+    assert not any('more uneven' in line for line in lab_claims.claims(rows))
+    del rows['remoe-l1']
+    assert not any('plain L1' in line for line in lab_claims.claims(rows))

@@ -335,6 +335,7 @@ def test_report_kinds_name_router_balance_and_shared_experts():
     assert report.kind({**base, 'balance': 'none', 'recurrent_router': True}) == 'topk-recurrent-noaux'
     assert report.kind({**base, 'router': 'remoe', 'balance': 'aux', 'n_shared_expert': 1}) == 'remoe-shared'
     assert report.kind({**base, 'router': 'remoe', 'router_renorm': False}) == 'remoe'  # ReLU gates: no renorm
+    assert report.kind({**base, 'router': 'remoe', 'balance': 'none', 'n_shared_expert': 1}) == 'remoe-noaux-shared'
     # the runs of the modern-router and Table 5 studies are told apart
     deepseek = {**base, 'score': 'sigmoid', 'balance': 'bias', 'seq_aux_coef': 1e-4}
     assert report.kind(deepseek) == 'topk-sigmoid-bias-seqaux'

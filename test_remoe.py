@@ -109,12 +109,30 @@ def test_remoe_l1_is_the_gate_mass_under_uniform_routing():
     assert remoe_l1(gates, K).item() == pytest.approx(gates.sum().item() / N)
 
 
-def test_remoe_controller_reaches_and_holds_the_target_sparsity():
-    """A toy regression through one ReMoE layer, λ from the paper's defaults (λ0 = 1e-8, α = 1.2).
+def test_remoe_plain_l1_weighs_every_expert_alike():
+    """balance='none': eq. 9's plain L1, the gate mass per token; its gradient 1/N on every entry,
+    whatever the load (eq. 10-11 gave the overloaded expert twice the push), and the layer's loss uses it."""
+    gates = torch.tensor([[0.5, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    loss = remoe_l1(gates, 1, balanced=False)
+    assert loss.item() == pytest.approx(6.5 / 3)
+    (grad,) = torch.autograd.grad(loss, gates)
+    assert torch.allclose(grad, torch.full_like(gates, 1 / 3))
+    for balance, balanced in (('aux', True), ('none', False)):
+        moe, x = remoe_layer(N=16, E=4, K=1, seed=1, balance=balance)
+        moe.router.lam.fill_(0.5)
+        g, aux, _, _ = moe.router(x.view(-1, x.shape[-1]))
+        assert aux.item() == pytest.approx(0.5 * remoe_l1(g, 1, balanced).item(), rel=1e-6)
+    assert remoe_l1(g, 1, True).item() != pytest.approx(remoe_l1(g, 1, False).item())  # the two differ here
+
+
+@pytest.mark.parametrize('balance', ['aux', 'none'])
+def test_remoe_controller_reaches_and_holds_the_target_sparsity(balance):
+    """A toy regression through one ReMoE layer, λ from the paper's defaults (λ0 = 1e-8, α = 1.2),
+    with the load-balanced L1 (eq. 10-11) and with the plain one (eq. 9): either holds the sparsity.
     The inputs share a mean direction, as a transformer's hidden states do (with zero-mean inputs
     no linear router without bias can be sparser than 1/2)."""
     E, K, D, steps = 8, 1, 16, 300
-    moe, _ = remoe_layer(E=E, K=K, D=D, H=16, seed=0)
+    moe, _ = remoe_layer(E=E, K=K, D=D, H=16, seed=0, balance=balance)
     torch.manual_seed(0)
     x = torch.randn(1, 256, D) + 2 * torch.randn(D)
     teacher = nn.Sequential(nn.Linear(D, 64), nn.Tanh(), nn.Linear(64, D))

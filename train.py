@@ -74,7 +74,7 @@ expert_impl = 'auto'  # 'loop' (readable reference), 'grouped', 'triton' (CUDA),
 expert_granularity = 1  # G: E*G experts of hidden H/G with K*G active
 n_shared_expert = 0  # always-on experts per MoE layer beside the routed ones (DeepSeekMoE)
 capacity_factor = 0.0  # topk/prototype: expert capacity = cf * K * N / E; 0 = dropless
-balance = 'aux'  # topk/prototype: 'aux' (Switch loss), 'bias' (loss-free bias, 2408.15664), 'none'
+balance = 'aux'  # 'aux' (topk: Switch loss; remoe: eq. 10-11), 'bias' (topk: loss-free, 2408.15664), 'none'
 aux_loss_coef = 0.01  # Switch load-balancing loss (topk, prototype with balance='aux')
 bias_update_rate = 1e-3  # balance='bias': the bias step per optimizer step
 z_loss_coef = 0.0  # router z-loss

@@ -326,6 +326,15 @@ def claims(rows):
                 out.append(paired(rmoe, b, 'cross_mi', '>', 3, name=f"RMoE's cross-layer MI > {b}'s (RMoE Fig. 3), "
                                   "bits between consecutive layers' expert choices"))
     out.extend(m6t_claims(rows, loss))
+    # ReMoE §5.2: its load-balanced L1 (eq. 10-11) against the plain L1 (eq. 9, balance='none'), in loss and
+    # in load (Fig. 8b-c: without it some experts die); and, neither balanced, ReLU routing against top-k
+    # (Fig. 8a: top-k without balancing falls far behind, ReMoE with the plain L1 does not)
+    remoe, plain = _one(rows, 'remoe'), _one(rows, 'remoe-noaux')
+    claim("ReMoE's load-balanced L1 < its plain L1", 'ReMoE §5.2, Table 11', [remoe, plain])
+    if remoe and plain and None not in (rows[remoe].get('mean_load_cv'), rows[plain].get('mean_load_cv')):
+        out.append(paired(plain, remoe, 'mean_load_cv', '>', 3, name="ReMoE's plain L1 leaves the experts' load "
+                          "more uneven than its load-balanced L1 (ReMoE Fig. 8b-c), the CV of the load"))
+    claim('ReMoE with the plain L1 < top-k without balancing', 'ReMoE §5.2, Fig. 8a', [plain, _one(rows, 'topk-noaux')])
     # RMoE Table 5: passing the state beats not passing it (NP) and passing it detached; detached is
     # worse than no recurrence at all
     rmoe = _one(rows, 'topk-recurrent')
