@@ -265,6 +265,9 @@ def test_report_claims_of_m6t():
                      'means here; M6-T abstract), k by k:')
     assert lines[at + 1:at + 4] == ['  - topk-k1 < dense-k1: holds', '  - topk < dense: holds',
                                     '  - topk-k4 < dense-k4: reversed']
+    at = lines.index("- ... top-k's lead over dense of its active size grows with k (more than the added compute; M6-T "
+                     "abstract), k by k:")  # leads 0.01, 0.02, -0.01
+    assert lines[at + 1:at + 3] == ['  - lead at k=1 < lead at k=2: holds', '  - lead at k=2 < lead at k=4: reversed']
     at = lines.index('- capacity matters: a larger capacity, a lower loss (M6-T abstract), capacity by capacity:')
     assert lines[at + 1:at + 3] == ['  - topk < cf2: not decided at this scale', '  - cf2 < cf1: holds']
     assert '- the aux loss < no balancing, which M6-T finds no significant problem for quality (not decided is ' \

@@ -157,6 +157,13 @@ def m6t_claims(rows, loss):
                        'here; M6-T abstract), k by k:')
             for k, a, d in dense:
                 out.extend(loss(a, d, indent='  '))
+        if len(dense) > 1:  # more k helps beyond its compute only if the lead over dense grows with k
+            out.append("- ... top-k's lead over dense of its active size grows with k (more than the added compute; "
+                       "M6-T abstract), k by k:")
+            leads = [(k, np.subtract(rows[d]['val'], rows[a]['val'])) for k, a, d in dense]  # dense − top-k, per seed
+            for (k1, g1), (k2, g2) in zip(leads, leads[1:]):
+                p = verdict(g1 - g2)
+                out.append(f'  - lead at k={k1} < lead at k={k2}: **{p.verdict}**: difference {numbers(p)}')
     k = 2  # configs/topk.py's: the capacity, balance and prototyping entries of the study run at it
     cfs = sorted({r['run'].get('capacity_factor', 0.0) for r in rows.values() if r['kind'] == 'topk'} - {0.0})
     by_cf = [(c, _one(rows, 'topk', exact=True, top_k=k, capacity_factor=c)) for c in cfs]
