@@ -32,8 +32,8 @@ report. On a machine with several GPUs, --jobs=N (default: one a GPU) runs N at 
 of its own (CUDA_VISIBLE_DEVICES).
 
 This file is the entry point; the lab's internals are the package lab/: lab.analysis (the numbers
-of a run), lab.report (results.md), lab.claims (the papers' claims decided on the numbers) and lab.plots
-(the figures).
+of a run), lab.report (results.md), lab.claims (the papers' claims decided on the numbers), lab.verdict
+(the one rule that decides them) and lab.plots (the figures).
 """
 import argparse
 import contextlib

@@ -1,5 +1,5 @@
 """
-The lab's verdicts (lab/claims.py): the paired rule seed by seed, trends along a setting, and every
+The lab's verdicts (lab/verdict.py, lab/claims.py): the paired rule seed by seed, trends along a setting, and every
 claim of the seed papers found by kind and setting on synthetic rows whose answers are known.
 """
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 
 from lab import analysis
 from lab import claims as lab_claims
+from lab import verdict as lab_verdict
 
 
 def test_report_claims_find_the_studies_entries():
@@ -122,27 +123,27 @@ def test_report_claims_of_the_seeds_tables():
 
 def test_verdict_is_paired_seed_by_seed():
     # a small gap that every seed agrees on holds
-    p = lab_claims.verdict([-0.010, -0.011, -0.009])
+    p = lab_verdict.verdict([-0.010, -0.011, -0.009])
     assert p.verdict == 'holds' and p.agree == 3 and p.n == 3
     assert p.mean == pytest.approx(-0.010) and p.se == pytest.approx(0.001 / np.sqrt(3)) and p.t < -2
     # seeds far apart (std 0.05, ten times the gap) but a consistent-sign small gap: still holds
     b = np.array([1.505, 1.556, 1.604])
     a = b - [0.005, 0.006, 0.004]
     assert 0.005 < 2 * max(analysis.mean_std(a)[1], analysis.mean_std(b)[1])  # the old unpaired rule: noise
-    assert lab_claims.verdict(a - b).verdict == 'holds'
+    assert lab_verdict.verdict(a - b).verdict == 'holds'
     # a sign flip: not decided, however large the mean
-    p = lab_claims.verdict([-0.030, 0.012, -0.020])
+    p = lab_verdict.verdict([-0.030, 0.012, -0.020])
     assert p.verdict == 'not decided at this scale' and p.agree == 2
     # a consistent gap the other way: reversed
-    assert lab_claims.verdict([0.010, 0.012, 0.009]).verdict == 'reversed'
-    assert lab_claims.verdict([0.010, 0.012, 0.009], claimed='>').verdict == 'holds'  # "A > B"
+    assert lab_verdict.verdict([0.010, 0.012, 0.009]).verdict == 'reversed'
+    assert lab_verdict.verdict([0.010, 0.012, 0.009], claimed='>').verdict == 'holds'  # "A > B"
     # exactly at 2 SE is not more than 2 SE; a NaN decides nothing
-    assert lab_claims.verdict([-1.0, -3.0]).verdict == 'not decided at this scale'  # mean -2, se 1
-    assert lab_claims.verdict([-0.01, np.nan, -0.01]).verdict == 'not decided at this scale'
+    assert lab_verdict.verdict([-1.0, -3.0]).verdict == 'not decided at this scale'  # mean -2, se 1
+    assert lab_verdict.verdict([-0.01, np.nan, -0.01]).verdict == 'not decided at this scale'
     # one seed: no standard error, no verdict
-    p = lab_claims.verdict([-0.5])
+    p = lab_verdict.verdict([-0.5])
     assert p.verdict == 'one seed: not decided' and p.se is None and p.t is None
-    assert lab_claims.numbers(p) == '-0.5000 (one seed, no standard error)'
+    assert lab_verdict.numbers(p) == '-0.5000 (one seed, no standard error)'
 
 
 def test_claims_print_the_numbers_they_decided_on():

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from lab import analysis
-from lab.claims import RULE, claims
+from lab.claims import claims
+from lab.verdict import RULE
 from model import ROUTERS
 
 
