@@ -48,7 +48,8 @@ import torch.nn as nn
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from corpora import DataError
 from data import dataset_folder, get_batch, get_tokenizer, load_split, resolve_tokenizer
-from experts import Experts, swiglu
+from experts import Experts
+from pairs import swiglu
 from model import GPT, GPTConfig
 from sample import generate
 

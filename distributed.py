@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from experts import Experts, moe_ffn, resolve_impl, routed_pairs
+from experts import Experts, moe_ffn, resolve_impl
+from pairs import routed_pairs
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experts import Experts, swiglu
+from experts import Experts
+from pairs import swiglu
 from routers import LearnedRouter, register, routing_stats
 
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experts import Experts, check_impl, swiglu
+from experts import Experts, check_impl
+from pairs import swiglu
 import baselines  # noqa: F401 (registers the comparison routers in routers.ROUTERS)
 import lory  # noqa: F401 (registers Lory, whose MoE block merges the experts' weights)
 from routers import RMOE_FLOWS, RMOE_INITS, ROUTERS, Router, log_record, make_router

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import baselines
 import experts
+from pairs import swiglu
 import lory
 import routers
 import softmax_routers
@@ -109,7 +110,7 @@ def dense_experts(model):
             module.w_out = torch.nn.Parameter(torch.randn(KH, D) * 0.02)         # [KH, D]
 
             def forward(x, gates, sums=False, decode=False, m=module):
-                y = experts.swiglu(x @ m.w_in) @ m.w_out
+                y = swiglu(x @ m.w_in) @ m.w_out
                 return y * gates.sum(-1, keepdim=True).to(y.dtype)
             module.forward = forward
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experts import swiglu
+from pairs import swiglu
 import sample
 from model import GPT, MLP, GPTConfig, MoE
 from routers import make_router

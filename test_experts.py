@@ -18,7 +18,9 @@ from hypothesis import given, settings, strategies as st
 
 import routers
 import experts
-from experts import EXPERT_IMPLS, Experts, grouped_ffn, moe_ffn, resolve_impl, swiglu, swiglu_backward
+from experts import EXPERT_IMPLS, Experts, grouped_ffn, moe_ffn, resolve_impl
+import pairs
+from pairs import routed_pairs, swiglu, swiglu_backward
 from conftest import router_config
 from model import GPT, GPTConfig
 
@@ -175,13 +177,13 @@ def test_grouped_mm_path_matches_cpu_expert_major_path(case, D, H):
         active[:, 1] = False
     (x, gates, w_in, w_out), dy = make_inputs(N, D, H, E, active)
     x, gates, w_in, w_out = x.detach(), gates.detach(), w_in.detach(), w_out.detach()
-    (expert, token), counts = experts.routed_pairs(gates)
+    (expert, token), counts = routed_pairs(gates)
     offs, g = counts.cumsum(0).to(torch.int32), gates[token, expert]
-    fwd = [experts._experts_forward(x, token, g, w_in, w_out, offs, expert_major=m) for m in (True, False)]
+    fwd = [pairs.experts_forward(x, token, g, w_in, w_out, offs, expert_major=m) for m in (True, False)]
     for name, got, want in zip(('y', 'h', 'o'), *fwd):
         torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
     _, h, o = fwd[0]
-    bwd = [experts._experts_backward(dy, x, token, g, h, o, w_in, w_out, offs, expert_major=m) for m in (True, False)]
+    bwd = [pairs.experts_backward(dy, x, token, g, h, o, w_in, w_out, offs, expert_major=m) for m in (True, False)]
     for name, got, want in zip(('dx', 'dg', 'dw_in', 'dw_out'), *bwd):
         torch.testing.assert_close(got, want, **TOL, msg=lambda m: f'{name}: {m}')
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experts import swiglu
+from pairs import swiglu
 from model import GPT, GPTConfig
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import sample
 from conftest import read_log, train
-from experts import swiglu
+from pairs import swiglu
 from model import GPT, GPTConfig, MoE
 from routers import make_router
 from softmax_routers import switch_balance_loss

@@ -11,7 +11,8 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experts import moe_ffn, swiglu
+from experts import moe_ffn
+from pairs import swiglu
 from model import GPT, GPTConfig
 from routers import make_router, routing_stats
 from softmax_routers import TopKRouter, switch_balance_loss, z_loss
